@@ -1,0 +1,50 @@
+"""The typed description of one MoE layer: everything needed to rebuild it without the compiler."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+ROUTER_TYPES = ("softmax_then_topk", "topk_then_softmax")
+BACKENDS = ("auto", "reference", "grouped", "triton")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    d_model: int  # D
+    d_expert: int  # hidden width of one routed expert, F / G
+    num_experts: int  # N = E · G routed experts
+    top_k: int  # T
+    gated: bool  # GLU form: down(act(gate(x)) ⊙ up(x))
+    activation: str  # a name from runtime.activations.ACTIVATIONS
+    router_type: str = "softmax_then_topk"
+    first_bias: bool = False  # bias on gate/up projections
+    output_bias: bool = False  # bias on the down projection
+    router_bias: bool = False
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    backend: str = "auto"
+    # always-on shared expert beside the routed ones (0 = none), hidden width and output scale
+    shared_d_ffn: int = 0
+    shared_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.router_type not in ROUTER_TYPES:
+            raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MoEConfig":
+        return cls(**data)
+
+    @property
+    def params_per_expert(self) -> int:
+        n = (3 if self.gated else 2) * self.d_model * self.d_expert
+        n += (2 if self.gated else 1) * self.d_expert * self.first_bias
+        n += self.d_model * self.output_bias
+        return n

@@ -1,0 +1,34 @@
+"""Execution paths for routed experts, by name. Each takes (experts, x [tokens, D],
+indices [tokens, K], weights [tokens, K]) and returns [tokens, D]; all must equal `reference`."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .experts import GroupedExperts, reference_forward
+
+ExpertsFn = Callable[[GroupedExperts, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_BACKENDS: dict[str, ExpertsFn] = {"reference": reference_forward}
+
+
+def register_backend(name: str, fn: ExpertsFn) -> None:
+    _BACKENDS[name] = fn
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def resolve_backend(name: str, device: torch.device) -> ExpertsFn:
+    """`auto` picks the fastest registered path for the device."""
+    if name == "auto":
+        for candidate in (("triton",) if device.type == "cuda" else ()) + ("grouped", "reference"):
+            if candidate in _BACKENDS:
+                return _BACKENDS[candidate]
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown MoE backend {name!r}; available: {available_backends()}") from None

@@ -1,0 +1,1 @@
+"""Triton kernels (each in its own file: the Triton interpreter reads kernel source)."""

@@ -1,0 +1,111 @@
+"""Typed upcycling spec. Plain data: no torch, no I/O. `specs.loader` builds it from YAML and
+validates it; everything downstream reads only these objects."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Union
+
+RouterType = Literal["softmax_then_topk", "topk_then_softmax"]
+RouterInit = Literal["virtual_group", "random", "kmeans"]
+ScalingPlacement = Literal["auto", "balanced", "down_proj"]
+Backend = Literal["auto", "reference", "grouped", "triton"]
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    expansion: int = 8  # E: the MoE holds E times the dense MLP's parameters
+    granularity: int = 1  # G: each expert is 1/G of the dense MLP width
+    top_k: int = 2  # T
+    shared_experts: int = 0  # always-on experts of width F/G each, taken from the dense MLP
+    drop_upcycling: float = 0.0  # fraction r of each copy's hidden units re-initialised
+
+    @property
+    def num_experts(self) -> int:
+        return self.expansion * self.granularity
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    type: RouterType = "softmax_then_topk"
+    init: RouterInit = "virtual_group"
+    init_std: float = 0.02
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which MLPs (in model order, 0-based) become MoE. Exactly one mode is set.
+
+    all: every MLP found; indices: explicit list; every: every n-th starting at `offset`;
+    first / last: the first or last n; match: a regex searched in the MLP's module path.
+    """
+
+    mode: Literal["all", "indices", "every", "first", "last", "match"] = "all"
+    indices: tuple[int, ...] = ()
+    every: int = 0
+    offset: int = 0
+    count: int = 0
+    pattern: str = ""
+
+    def selects(self, index: int, total: int, module_path: str) -> bool:
+        import re
+
+        if self.mode == "all":
+            return True
+        if self.mode == "indices":
+            return index in self.indices or (index - total) in self.indices
+        if self.mode == "every":
+            return index >= self.offset and (index - self.offset) % self.every == 0
+        if self.mode == "first":
+            return index < self.count
+        if self.mode == "last":
+            return index >= total - self.count
+        return re.search(self.pattern, module_path) is not None
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    backend: Backend = "auto"
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    enabled: bool = True
+    probe_tokens: int = 256  # tokens in the probe batch run through dense and MoE
+    tolerance: float = 1e-5  # max abs error asserted where the rewrite must be exact
+
+
+@dataclass(frozen=True)
+class UpcycleSpec:
+    experts: ExpertsSpec = field(default_factory=ExpertsSpec)
+    router: RouterSpec = field(default_factory=RouterSpec)
+    weight_scaling: Union[Literal["auto", "none"], float] = "auto"
+    scaling_placement: ScalingPlacement = "auto"
+    layers: LayerSelection = field(default_factory=LayerSelection)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    verify: VerifySpec = field(default_factory=VerifySpec)
+    seed: int = 0
+    source: str = "<dict>"  # file the spec came from, for messages
+
+    def to_dict(self) -> dict:
+        """The resolved spec as plain YAML-able data (what gets written next to the output)."""
+        data = asdict(self)
+        data.pop("source")
+        sel = data.pop("layers")
+        data["layers"] = layers_to_yaml(self.layers)
+        del sel
+        return data
+
+
+def layers_to_yaml(sel: LayerSelection):
+    if sel.mode == "all":
+        return "all"
+    if sel.mode == "indices":
+        return list(sel.indices)
+    if sel.mode == "every":
+        return {"every": sel.every, "offset": sel.offset} if sel.offset else {"every": sel.every}
+    if sel.mode in ("first", "last"):
+        return {sel.mode: sel.count}
+    return {"match": sel.pattern}
