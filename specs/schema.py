@@ -87,12 +87,18 @@ class UpcycleSpec:
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     verify: VerifySpec = field(default_factory=VerifySpec)
     seed: int = 0
-    source: str = "<dict>"  # file the spec came from, for messages
+    # Provenance, not content: two specs with the same settings are equal wherever they came from
+    # (so a dumped-and-reloaded spec compares equal to the original).
+    source: str = field(default="<dict>", compare=False)  # file the spec came from, for messages
+    # Dotted field path -> 1-based YAML line, filled by `specs.loader` so later checks against the
+    # model (e.g. granularity vs d_ffn) can point at the spec line. Not part of the spec's value.
+    lines: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         """The resolved spec as plain YAML-able data (what gets written next to the output)."""
         data = asdict(self)
         data.pop("source")
+        data.pop("lines")
         sel = data.pop("layers")
         data["layers"] = layers_to_yaml(self.layers)
         del sel
