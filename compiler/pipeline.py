@@ -1,0 +1,324 @@
+"""The pass pipeline: discover → select → plan → probe → rewrite (+ weight mapping) → verify.
+
+`compile_upcycle` is the one public verb; it rewrites the model in place (like torchao's
+`quantize_`) and returns it, so no second copy of a large model is ever held.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from upcycle.passes.discover import Discovery, FoundMLP, discover_mlps
+from upcycle.passes.find_mlps import MLPMatch
+from upcycle.passes.mlp_subgraph import mlp_function
+from upcycle.passes.rewrite import RewriteRecord, linear_paths, rewrite_mlps
+from upcycle.passes.verify import LayerCheck, ProbeCapture, check_layer, compare
+from upcycle.passes.weight_mapping import (
+    Scaling,
+    expected_exact,
+    expert_weights,
+    extract_dense_weights,
+    plan_scaling,
+    router_init,
+    virtual_group_ok,
+)
+from upcycle.runtime.moe import MoELayer
+from upcycle.specs import load_spec, validate_against_model
+from upcycle.specs.schema import UpcycleSpec
+
+from .errors import ModelError, VerificationError
+from .plan import Plan, build_plan, moe_config_for
+from .report import Report
+
+
+@dataclass
+class UpcycleResult:
+    model: nn.Module
+    plan: Plan
+    report: Report
+    records: list[RewriteRecord] = field(default_factory=list)
+
+
+def _dense_param_count(match: MLPMatch, unit: nn.Module) -> int:
+    n = 0
+    for ref in match.linears:
+        n += ref.weight(unit).numel()
+        b = ref.bias(unit)
+        n += 0 if b is None else b.numel()
+    return n
+
+
+def _select(discovery: Discovery, spec: UpcycleSpec) -> dict[int, str]:
+    """{index: reason it stays dense, '' if it is rewritten}."""
+    total = len(discovery.mlps)
+    out = {}
+    for found in discovery.mlps:
+        m = found.match
+        if not spec.layers.selects(found.index, total, found.path):
+            out[found.index] = "not selected by `layers`"
+        elif m.problems:
+            out[found.index] = "; ".join(m.problems)
+        else:
+            out[found.index] = ""
+    return out
+
+
+def _unit_of(model: nn.Module, found: FoundMLP) -> nn.Module:
+    return model.get_submodule(found.rewrite_unit) if found.rewrite_unit else model
+
+
+def analyse(model: nn.Module, spec: UpcycleSpec) -> tuple[Discovery, dict[int, str], Plan]:
+    """Discovery and plan, no changes to the model (what --dry-run prints)."""
+    discovery = discover_mlps(model)
+    if not discovery.mlps:
+        blocks = ", ".join(p or "<root>" for p, _, _ in discovery.untraced[:4])
+        extra = f"; blocks that did not trace: {blocks}" if blocks else ""
+        raise ModelError(
+            f"no MLP found in {type(model).__name__}: no linear -> activation -> linear (or gated) "
+            f"dataflow in the traced graphs{extra}"
+        )
+    selection = _select(discovery, spec)
+    unsupported = [f for f in discovery.mlps if selection[f.index] != "not selected by `layers`" and not f.match.activation]
+    if unsupported:
+        f = unsupported[0]
+        raise ModelError(
+            f"{f.path}: unsupported activation in MLP ({f.match.activation_desc}); supported: "
+            "silu, gelu, gelu_tanh, quick_gelu, relu, relu2 (squared ReLU)"
+        )
+    for found in discovery.mlps:
+        if selection[found.index] == "":
+            validate_against_model(spec, found.match.d_ffn, found.path)
+    dense_params, biases = {}, {}
+    for found in discovery.mlps:
+        unit = _unit_of(model, found)
+        dense_params[found.index] = _dense_param_count(found.match, unit)
+        m = found.match
+        first_refs = [r for r in (m.gate, m.up) if r is not None]
+        biases[found.index] = (any(r.bias(unit) is not None for r in first_refs), m.down.bias(unit) is not None)
+    plan = build_plan(model, discovery, spec, selection, dense_params, biases)
+    if not plan.selected:
+        raise ModelError(
+            f"{type(model).__name__}: {len(plan.entries)} MLP(s) found but none is rewritten "
+            f"({plan.entries[0].path}: {plan.entries[0].reason}); check `layers` in {spec.source}"
+        )
+    if spec.router.init == "virtual_group" and not virtual_group_ok(spec):
+        plan.warnings.append(
+            f"top_k={spec.experts.top_k} is not a multiple of granularity={spec.experts.granularity}: "
+            "virtual groups cannot be whole, tokens see partial copies of the dense MLP"
+        )
+    skipped = [e for e in plan.entries if not e.rewrite and e.reason != "not selected by `layers`"]
+    for e in skipped:
+        plan.warnings.append(f"{e.path} looks like an MLP but stays dense: {e.reason}")
+    return discovery, selection, plan
+
+
+def _probe_model(model: nn.Module, spec: UpcycleSpec, example_inputs) -> tuple[tuple, dict] | None:
+    """Inputs for a whole-model probe: the caller's, or random token ids for an LM-style model."""
+    if example_inputs is not None:
+        if isinstance(example_inputs, dict):
+            return (), example_inputs
+        return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,), {}
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and vocab > 0:
+        g = torch.Generator().manual_seed(spec.seed)
+        seq = max(spec.verify.probe_tokens // 2, 1)
+        ids = torch.randint(0, vocab, (2, seq), generator=g)
+        device = next(model.parameters()).device
+        return (), {"input_ids": ids.to(device)}
+    return None
+
+
+def _model_output(model: nn.Module, probe) -> torch.Tensor | None:
+    args, kwargs = probe
+    out = model(*args, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits.detach()
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0].detach()
+    hidden = getattr(out, "last_hidden_state", None)
+    return hidden.detach() if isinstance(hidden, torch.Tensor) else None
+
+
+def _lm_loss(logits: torch.Tensor, probe) -> float | None:
+    ids = probe[1].get("input_ids") if probe else None
+    if ids is None or logits is None or logits.dim() != 3 or logits.shape[-1] < int(ids.max()) + 1:
+        return None
+    loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    return float(loss)
+
+
+class MoEBuilder:
+    """The rewrite's callback: dense MLP (in its traced unit) → initialised MoE layer, verified."""
+
+    def __init__(self, spec: UpcycleSpec, discovery: Discovery, capture: ProbeCapture | None, progress):
+        self.spec = spec
+        self.index_of = {f.key: f.index for f in discovery.mlps}
+        self.path_of = {f.key: f.path for f in discovery.mlps}
+        self.capture = capture
+        self.checks: list[LayerCheck] = []
+        self.progress = progress
+
+    def moe_for(self, match: MLPMatch, unit: fx.GraphModule, scale: Scaling, index: int, structure_only: bool = False) -> MoELayer:
+        dense = extract_dense_weights(match, unit)
+        cfg = moe_config_for(match.gated, match.activation, match.d_model, match.d_ffn,
+                             dense.up_bias is not None, dense.down_bias is not None, self.spec)
+        with torch.device("meta"):
+            moe = MoELayer(cfg)
+        if structure_only:
+            return moe.to_empty(device=dense.up.device).to(dense.up.dtype)
+        g = torch.Generator().manual_seed(self.spec.seed * 100_003 + index)
+        state = {f"experts.{k}": v for k, v in expert_weights(dense, self.spec, scale, g).items()}
+        state["router.weight"] = router_init(self.spec, match.d_model, g).to(dense.up.dtype)
+        if cfg.shared_d_ffn:
+            state.update(_shared_expert_state(dense, self.spec))
+        moe.load_state_dict(state, assign=True, strict=True)
+        return moe.to(dense.up.device)
+
+    def __call__(self, match: MLPMatch, unit: fx.GraphModule) -> MoELayer:
+        key = linear_paths(match)
+        index = self.index_of[key]
+        scale = plan_scaling(self.spec, match.activation, match.gated)
+        moe = self.moe_for(match, unit, scale, index)
+        if self.spec.verify.enabled:
+            self._verify(match, unit, moe, scale, index, key)
+        self.progress.update(1)
+        return moe
+
+    @torch.no_grad()
+    def _verify(self, match, unit, moe, scale, index, key) -> None:
+        dense_fn = mlp_function(unit, match)
+        x = self.capture.inputs.get(key) if self.capture else None
+        if x is None:  # no model-level probe reached this MLP: synthetic unit-RMS hidden states
+            g = torch.Generator().manual_seed(self.spec.seed + index)
+            w = match.up.weight(unit)
+            x = torch.randn(self.spec.verify.probe_tokens, match.d_model, generator=g).to(w.device, w.dtype)
+        y = dense_fn(x)
+        unscaled = None
+        if scale.factor != 1.0:
+            unscaled = self.moe_for(match, unit, Scaling(1.0, 1.0, 1.0, "none", True), index)
+        was = moe.training
+        moe.eval()
+        check = check_layer(self.path_of[key], moe, x, y, exact_expected=expected_exact(self.spec, scale),
+                            tolerance=self.spec.verify.tolerance, unscaled=unscaled)
+        moe.train(was)
+        self.checks.append(check)
+        if not check.passed:
+            raise VerificationError(
+                f"{check.mlp_path}: the upcycled layer must equal the dense MLP here, but max abs error is "
+                f"{check.max_abs_error:.3g} (> {self.spec.verify.tolerance:g} relative to output scale)"
+            )
+
+
+def _shared_expert_state(dense, spec: UpcycleSpec) -> dict[str, torch.Tensor]:
+    """Shared experts take the first `shared_experts` shards of the dense MLP, unscaled."""
+    g = spec.experts.granularity
+    h = dense.d_ffn // g
+    width = spec.experts.shared_experts * h
+    state = {
+        "shared_expert.up_proj.weight": dense.up[:width].clone(),
+        "shared_expert.down_proj.weight": dense.down[:, :width].clone(),
+    }
+    if dense.gate is not None:
+        state["shared_expert.gate_proj.weight"] = dense.gate[:width].clone()
+    if dense.up_bias is not None:
+        state["shared_expert.up_proj.bias"] = dense.up_bias[:width].clone()
+        if dense.gate_bias is not None:
+            state["shared_expert.gate_proj.bias"] = dense.gate_bias[:width].clone()
+    if dense.down_bias is not None:
+        state["shared_expert.down_proj.bias"] = torch.zeros_like(dense.down_bias)
+    return state
+
+
+class _NullProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool = False) -> UpcycleResult:
+    """Run the whole pipeline on `model` (rewritten in place) and return model, plan and report."""
+    t0 = time.perf_counter()
+    spec = load_spec(spec)
+    was_training = model.training
+    model.eval()
+    discovery, selection, plan = analyse(model, spec)
+    for w in plan.warnings:
+        warnings.warn(w, stacklevel=2)
+    targets = {f.key: f.rewrite_unit for f in discovery.mlps if selection[f.index] == ""}
+
+    capture, probe, dense_logits = None, None, None
+    if spec.verify.enabled:
+        probe = _probe_model(model, spec, example_inputs)
+        if probe is not None:
+            capture = ProbeCapture()
+            for f in discovery.mlps:
+                if f.key in targets and f.match.up.kind == "module":
+                    unit = _unit_of(model, f)
+                    first = unit.get_submodule(f.match.up.module_path)
+                    capture.watch(f.key, first, first)
+            try:
+                with torch.no_grad():
+                    dense_logits = _model_output(model, probe)
+            finally:
+                capture.remove()
+
+    bar = _progress_bar(len(targets), progress)
+    builder = MoEBuilder(spec, discovery, capture, bar)
+    try:
+        model, records = rewrite_mlps(model, targets, builder)
+    finally:
+        bar.close()
+    if capture is not None:
+        capture.inputs.clear()
+
+    model_error = loss_before = loss_after = None
+    if probe is not None and dense_logits is not None:
+        with torch.no_grad():
+            moe_logits = _model_output(model, probe)
+        if moe_logits is not None and moe_logits.shape == dense_logits.shape:
+            model_error = compare(dense_logits, moe_logits)[1]
+            loss_before, loss_after = _lm_loss(dense_logits, probe), _lm_loss(moe_logits, probe)
+    model.train(was_training)
+    report = Report.build(spec, plan, builder.checks, records, model_error, loss_before, loss_after,
+                          seconds=time.perf_counter() - t0, probe="model forward" if capture else "synthetic")
+    return UpcycleResult(model, plan, report, records)
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NullProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="upcycling MLPs", unit="mlp")
+
+
+def compile_upcycle(model: nn.Module, spec, *, example_inputs=None, progress: bool = False, return_report: bool = False):
+    """Upcycle `model` into an MoE model following `spec` (a path, preset name, dict or UpcycleSpec).
+
+    The model is rewritten in place and returned (the root is a new object only when the whole
+    model is one MLP). With return_report=True, returns (model, report).
+    """
+    result = upcycle_model(model, spec, example_inputs=example_inputs, progress=progress)
+    if return_report:
+        return result.model, result.report
+    return result.model
+
+
+def plan_upcycle(model: nn.Module, spec) -> Plan:
+    """What `compile_upcycle` would do, without changing the model."""
+    spec = load_spec(spec)
+    return analyse(model, spec)[2]
+
+
+__all__ = ["compile_upcycle", "plan_upcycle", "upcycle_model", "UpcycleResult", "analyse"]
