@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -159,8 +160,10 @@ def _lm_loss(logits: torch.Tensor, probe) -> float | None:
 class MoEBuilder:
     """The rewrite's callback: dense MLP (in its traced unit) → initialised MoE layer, verified."""
 
-    def __init__(self, spec: UpcycleSpec, discovery: Discovery, capture: ProbeCapture | None, progress):
+    def __init__(self, spec: UpcycleSpec, discovery: Discovery, capture: ProbeCapture | None, progress,
+                 structure_only: bool = False):
         self.spec = spec
+        self.structure_only = structure_only
         self.index_of = {f.key: f.index for f in discovery.mlps}
         self.path_of = {f.key: f.path for f in discovery.mlps}
         self.capture = capture
@@ -187,8 +190,8 @@ class MoEBuilder:
         key = linear_paths(match)
         index = self.index_of[key]
         scale = plan_scaling(self.spec, match.activation, match.gated)
-        moe = self.moe_for(match, unit, scale, index)
-        if self.spec.verify.enabled:
+        moe = self.moe_for(match, unit, scale, index, structure_only=self.structure_only)
+        if self.spec.verify.enabled and not self.structure_only:
             self._verify(match, unit, moe, scale, index, key)
         self.progress.update(1)
         return moe
@@ -246,15 +249,23 @@ class _NullProgress:
         pass
 
 
-def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool = False) -> UpcycleResult:
-    """Run the whole pipeline on `model` (rewritten in place) and return model, plan and report."""
+def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool = False,
+                  structure_only: bool = False) -> UpcycleResult:
+    """Run the whole pipeline on `model` (rewritten in place) and return model, plan and report.
+
+    structure_only: build MoE layers with uninitialised weights and skip verification (used when
+    loading a saved upcycled model: the weights come from its checkpoint).
+    """
     t0 = time.perf_counter()
     spec = load_spec(spec)
+    if structure_only:
+        spec = dataclasses.replace(spec, verify=dataclasses.replace(spec.verify, enabled=False))
     was_training = model.training
     model.eval()
     discovery, selection, plan = analyse(model, spec)
-    for w in plan.warnings:
-        warnings.warn(w, stacklevel=2)
+    if not structure_only:
+        for w in plan.warnings:
+            warnings.warn(w, stacklevel=2)
     targets = {f.key: f.rewrite_unit for f in discovery.mlps if selection[f.index] == ""}
 
     capture, probe, dense_logits = None, None, None
@@ -274,7 +285,7 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool
                 capture.remove()
 
     bar = _progress_bar(len(targets), progress)
-    builder = MoEBuilder(spec, discovery, capture, bar)
+    builder = MoEBuilder(spec, discovery, capture, bar, structure_only=structure_only)
     try:
         model, records = rewrite_mlps(model, targets, builder)
     finally:
