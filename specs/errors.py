@@ -20,6 +20,8 @@ class UpcycleError(Exception):
 
 def _location(file: str | None, line: int | None, column: int | None) -> str:
     loc = file or "<spec>"
+    if not loc.isprintable():  # a path with a newline in it must not break the one-line rule
+        loc = repr(loc)
     if line is not None:
         loc += f":{line}"
         if column is not None:
@@ -53,7 +55,7 @@ class SpecError(UpcycleError, ValueError):
     def __str__(self) -> str:
         parts = [] if self.file is None and self.line is None else [_location(self.file, self.line, self.column)]
         if self.field:
-            parts.append(self.field)
+            parts.append(_one_line(self.field))
         parts.append(self.message)
         return ": ".join(parts)
 

@@ -66,7 +66,11 @@ def _resolve(source) -> Path:
             if preset.is_file():
                 return preset
             raise SpecError(f"unknown preset {source!r} and no such file; {_preset_help(source)}")
-    path = Path(os.fspath(source)).expanduser()
+    path = Path(os.fspath(source))
+    try:
+        path = path.expanduser()
+    except RuntimeError:  # "~nobody/spec.yaml": no such user; report the path as given
+        pass
     if path.is_file():
         return path
     if path.is_dir():

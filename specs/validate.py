@@ -125,7 +125,8 @@ class _Checker:
         for key in data:
             if key in valid:
                 continue
-            shown = key if isinstance(key, str) else show_value(key)
+            plain = isinstance(key, str) and key.isprintable() and key and key.strip() == key
+            shown = key if plain else show_value(key)
             where = f"{path}.{shown}" if path else shown
             hint = _HINTS.get(key) if isinstance(key, str) else None
             hint = f"{hint}; " if hint else _suggest(key, valid)
@@ -146,7 +147,10 @@ class _Checker:
         if key not in data:
             return default
         value = data[key]
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        bound = f">= {minimum}"
+        if maximum is not None:
+            big = maximum >= 2**32 and (maximum + 1) & maximum == 0  # 2**k - 1: say so, not 20 digits
+            bound += f" and <= {f'2**{maximum.bit_length()} - 1' if big else maximum}"
         if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
             raise self.error(path, f"must be an integer {bound}, {_got(value)}")
         return int(value)

@@ -87,8 +87,9 @@ def parse_yaml(text: str, file: str) -> tuple[object, dict]:
     """Parse one YAML document. Returns (data, lines) where lines maps dotted paths to 1-based
     lines. Any failure, including the odd non-YAML exceptions PyYAML's constructors leak
     (`2020-99-99` raises ValueError from datetime), becomes a SpecError with a position."""
-    loader = _SpecLoader(text)
+    loader = None
     try:
+        loader = _SpecLoader(text)  # the reader already rejects control characters here
         node = loader.get_single_node()
         lines: dict = {}
         if node is None:  # empty document or only comments: all defaults
@@ -105,9 +106,16 @@ def parse_yaml(text: str, file: str) -> tuple[object, dict]:
         line = mark.line + 1 if mark is not None else None
         column = mark.column + 1 if mark is not None else None
         raise SpecError(f"malformed YAML: {what}", file=file, line=line, column=column) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        raise SpecError(f"malformed YAML: unacceptable character {char}: {exc.reason}", file=file, line=line) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"malformed YAML: {exc}", file=file) from None
     except RecursionError:
         raise SpecError("malformed YAML: nested too deeply", file=file) from None
     except Exception as exc:  # noqa: BLE001 - constructor leaks (ValueError, OverflowError, ...)
         raise SpecError(f"malformed YAML: {exc}", file=file) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
