@@ -4,13 +4,16 @@ from .activations import ACTIVATIONS, HOMOGENEITY_DEGREE, get_activation, identi
 from .config import MoEConfig
 from .dispatch import available_backends, register_backend, resolve_backend
 from .experts import GroupedExperts, reference_forward
+from .grouped import grouped_forward
 from .losses import aux_loss, load_balancing_loss, z_loss
 from .moe import MoELayer, SharedExpert, build_moe
 from .router import RouterOutput, TopKRouter
+
+register_backend("grouped", grouped_forward)
 
 __all__ = [
     "ACTIVATIONS", "HOMOGENEITY_DEGREE", "get_activation", "identify_activation", "MoEConfig",
     "available_backends", "register_backend", "resolve_backend", "GroupedExperts", "reference_forward",
     "aux_loss", "load_balancing_loss", "z_loss", "MoELayer", "SharedExpert", "build_moe",
-    "RouterOutput", "TopKRouter",
+    "RouterOutput", "TopKRouter", "grouped_forward",
 ]

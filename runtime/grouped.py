@@ -1,0 +1,439 @@
+"""The `grouped` backend: routed experts on token slots sorted by expert.
+
+Every (token, k) pair is a *slot*; S = tokens · K slots. Sorting the slots by expert id makes each
+expert's rows one contiguous segment, so each projection is one grouped GEMM over segments
+(no [tokens, num_experts, ...] dispatch tensor, no per-expert `torch.where`):
+
+    plan = plan_routing(indices, N)           # order [S], token [S], offsets [N] (segment ends)
+    g, u = x[token] @ Wg_eᵀ, x[token] @ Wu_eᵀ   # [S, H] per segment e
+    h    = act(g) ⊙ u                          # [S, H]
+    y    = h @ Wd_eᵀ                           # [S, D]
+    out  = Σ_k w · y   (index_add over token)  # [T, D], accumulated in fp32
+
+Three interchangeable strategies compute this (all tested against `reference_forward`):
+  - `loop`:       one fused pass per expert segment with per-expert temporaries. Fastest on CPU,
+                  where the whole-S [S, D] intermediates of the other two cost more in first-touch
+                  page faults (a fresh 75 MB tensor costs ~30 ms to fault in) than the GEMMs gain.
+  - `grouped_mm`: `torch._grouped_mm`, one call per projection, whole-S intermediates. Needs
+                  16-byte aligned strides; used on CUDA where it is supported.
+  - `padded`:     segments padded to a common capacity and `torch.bmm` (one host sync for the
+                  capacity); the portable fallback where `_grouped_mm` does not apply.
+
+The forward and backward are explicit (one custom op each, registered with `torch.library`), so
+torch.compile sees one opaque node with static output shapes whatever the routing: no graph break,
+no data-dependent shapes, any dtype (the compile-time meta kernel of `_grouped_mm` accepts only
+bf16; ours does not care). Backward saves only the gate/up pre-activations [S, H] besides its
+inputs; the router-weight gradient uses ⟨dout, y⟩ = ⟨dout @ Wd_e, h⟩ + ⟨dout, b_e⟩, so y is never
+stored nor recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .activations import get_activation
+from .experts import GroupedExperts
+
+STRATEGIES = ("loop", "grouped_mm", "padded")
+
+
+class RoutingPlan(NamedTuple):
+    order: Tensor  # [S] int64: sorted position -> flat slot t·K + k (slots sorted by expert, stable)
+    token: Tensor  # [S] int64: sorted position -> token id
+    offsets: Tensor  # [N] int64: end of each expert's segment in sorted order (cumulative counts)
+
+
+def plan_routing(indices: Tensor, num_experts: int) -> RoutingPlan:
+    """indices [T, K] expert ids -> the sorted-slot plan. Shapes depend only on T, K, N (no
+    data-dependent sizes), so the plan traces under torch.compile with dynamic T."""
+    k = indices.shape[-1]
+    flat = indices.reshape(-1)  # [S]
+    order = torch.argsort(flat, stable=True)  # [S]
+    experts = torch.arange(num_experts, device=indices.device, dtype=flat.dtype)  # [N]
+    offsets = torch.searchsorted(flat[order], experts, right=True)  # [N]
+    return RoutingPlan(order, torch.div(order, k, rounding_mode="floor"), offsets)
+
+
+# --- activations: value and backward, by name --------------------------------------------------
+
+def _quick_gelu_backward(grad: Tensor, x: Tensor) -> Tensor:
+    s = torch.sigmoid(1.702 * x)
+    return grad * (s + 1.702 * x * s * (1 - s))
+
+
+ACTIVATION_BACKWARD: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "silu": torch.ops.aten.silu_backward,
+    "gelu": lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="none"),
+    "gelu_tanh": lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
+    "quick_gelu": _quick_gelu_backward,
+    "relu": lambda g, x: torch.ops.aten.threshold_backward(g, x, 0),
+    "relu2": lambda g, x: g * (2 * F.relu(x)),
+}
+
+
+def activation_backward(name: str, grad: Tensor, x: Tensor) -> Tensor:
+    """grad · act'(x) for the activation called `name` (same numerics as autograd)."""
+    return ACTIVATION_BACKWARD[name](grad, x)
+
+
+# --- strategy: one fused pass per expert segment ---------------------------------------------
+
+def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """x [n, in] @ w[out, in]ᵀ (+ b), optionally written into a contiguous `out`."""
+    if b is None:
+        return torch.mm(x, w.t(), out=out) if out is not None else torch.mm(x, w.t())
+    return torch.addmm(b, x, w.t(), out=out) if out is not None else torch.addmm(b, x, w.t())
+
+
+def _segments(offsets: Tensor) -> list[tuple[int, int, int]]:
+    """(expert, start, end) for every non-empty segment (one host read of the offsets)."""
+    ends = offsets.tolist()
+    starts = [0] + ends[:-1]
+    return [(e, s, t) for e, (s, t) in enumerate(zip(starts, ends)) if t > s]
+
+
+def _loop_forward(x, w_slot, token, offsets, gw, uw, dw, gb, ub, db, activation, save):
+    act = get_activation(activation)
+    s_total, h_dim = token.shape[0], uw.shape[1]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
+    g_all = x.new_empty(s_total, h_dim) if save and gw is not None else x.new_empty(0, h_dim)  # [S, H]
+    u_all = x.new_empty(s_total, h_dim) if save else x.new_empty(0, h_dim)  # [S, H]
+    for e, s, t in _segments(offsets):
+        te = token[s:t]
+        xe = x.index_select(0, te)  # [n, D]
+        u = _linear(xe, uw[e], None if ub is None else ub[e], u_all[s:t] if save else None)  # [n, H]
+        if gw is not None:
+            g = _linear(xe, gw[e], None if gb is None else gb[e], g_all[s:t] if save else None)
+            h = act(g) * u  # [n, H]
+        else:
+            h = act(u)
+        y = _linear(h, dw[e], None if db is None else db[e])  # [n, D]
+        y = y.mul_(w_slot[s:t, None]) if y.dtype == torch.float32 else y.float() * w_slot[s:t, None]
+        out.index_add_(0, te, y)
+    return out, g_all, u_all
+
+
+def _loop_backward(dout, x, w_slot, token, offsets, g_all, u_all, gw, uw, dw, gb, ub, db, activation):
+    act = get_activation(activation)
+    dtype = x.dtype
+    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
+    dw_slot = torch.empty(token.shape[0], dtype=torch.float32, device=x.device)  # [S]
+    # every expert's slice is written below; only empty experts are zero-filled (a zeros_like
+    # of all [N, H, D] grads costs ~20 ms of page faults per step on CPU)
+    d_gw = None if gw is None else torch.empty_like(gw)
+    d_uw, d_dw = torch.empty_like(uw), torch.empty_like(dw)
+    d_gb = None if gb is None else torch.empty_like(gb)
+    d_ub = None if ub is None else torch.empty_like(ub)
+    d_db = None if db is None else torch.empty_like(db)
+    segments = _segments(offsets)
+    empty = sorted(set(range(offsets.shape[0])) - {e for e, _, _ in segments})
+    for t in (d_gw, d_uw, d_dw, d_gb, d_ub, d_db):
+        if t is not None and empty:
+            t[empty] = 0
+    for e, s, t in segments:
+        te = token[s:t]
+        we = w_slot[s:t, None]  # [n, 1] fp32
+        dye = dout.index_select(0, te)  # [n, D]
+        u = u_all[s:t]
+        if gw is not None:
+            g = g_all[s:t]
+            a = act(g)
+            h = a * u  # [n, H]
+        else:
+            h = act(u)
+        dhu = torch.mm(dye, dw[e])  # [n, H]: dout @ Wd_e, before the combine weight
+        dw_e = (dhu.float() * h.float()).sum(-1)  # <dout, h @ Wd_eᵀ>
+        if db is not None:
+            dw_e += dye.float() @ db[e].float()
+            d_db[e] = (we * dye.float()).sum(0).to(db.dtype)
+        dw_slot[s:t] = dw_e
+        torch.mm(dye.t(), (h * we).to(dtype), out=d_dw[e])  # [D, H]
+        dh = (dhu * we).to(dtype)  # [n, H]
+        if gw is not None:
+            dg = activation_backward(activation, dh * u, g)
+            du = dh * a
+        else:
+            du = activation_backward(activation, dh, u)
+        xe = x.index_select(0, te)  # [n, D]
+        dxe = torch.mm(du, uw[e])  # [n, D]
+        torch.mm(du.t(), xe, out=d_uw[e])
+        if ub is not None:
+            d_ub[e] = du.sum(0)
+        if gw is not None:
+            dxe.addmm_(dg, gw[e])
+            torch.mm(dg.t(), xe, out=d_gw[e])
+            if gb is not None:
+                d_gb[e] = dg.sum(0)
+        dx.index_add_(0, te, dxe if dxe.dtype == torch.float32 else dxe.float())
+    return dx.to(dtype), dw_slot, d_gw, d_uw, d_dw, d_gb, d_ub, d_db
+
+
+# --- strategies on whole-S tensors: grouped GEMM primitives -----------------------------------
+
+def _aligned(t: Tensor) -> bool:
+    """`_grouped_mm` operand rule: 16-byte aligned base and leading stride."""
+    align = 16 // t.element_size()
+    if t.data_ptr() % 16:
+        return False
+    st = t.stride()
+    lead = st[-2] if st[-1] == 1 else st[-1]
+    return (st[-1] == 1 or st[-2] == 1) and lead % align == 0
+
+
+_GMM_BROKEN: set[tuple[str, torch.dtype]] = set()
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs for this device and dtype (probed once, then cached)."""
+    if not hasattr(torch, "_grouped_mm") or (device.type, dtype) in _GMM_BROKEN:
+        return False
+    if device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        a = torch.zeros(16, 8, device=device, dtype=dtype)
+        b = torch.zeros(2, 8, 8, device=device, dtype=dtype)
+        torch._grouped_mm(a, b, torch.tensor([8, 16], device=device, dtype=torch.int32))
+        torch._grouped_mm(a.t(), a, torch.tensor([8, 16], device=device, dtype=torch.int32))
+        return True
+    except (RuntimeError, NotImplementedError):
+        _GMM_BROKEN.add((device.type, dtype))
+        return False
+
+
+class _Segments(NamedTuple):
+    offsets32: Tensor  # [N] int32 segment ends (grouped_mm)
+    expert: Tensor  # [S] expert of each sorted row
+    pos: Optional[Tensor]  # [S] row within its expert's padded block (padded)
+    capacity: int  # padded block rows (padded)
+
+
+def _make_segments(offsets: Tensor, s_total: int, padded: bool) -> _Segments:
+    rows = torch.arange(s_total, device=offsets.device)
+    expert = torch.searchsorted(offsets, rows, right=True)  # [S]
+    pos, capacity = None, 0
+    if padded:
+        starts = torch.cat([offsets.new_zeros(1), offsets[:-1]])  # [N]
+        pos = rows - starts[expert]
+        counts = offsets - starts
+        capacity = max(int(counts.max()), 1) if counts.numel() else 1  # one host sync
+    return _Segments(offsets.to(torch.int32), expert, pos, capacity)
+
+
+def _gmm(a: Tensor, b: Tensor, seg: _Segments, strategy: str) -> Tensor:
+    """a [S, K], b [N, K, M] (any strides) -> [S, M]: row block e of `a` times b[e]."""
+    if strategy == "grouped_mm" and _aligned(a) and _aligned(b):
+        return torch._grouped_mm(a, b, seg.offsets32)
+    if strategy == "grouped_mm":  # unaligned operands: same math, padded
+        seg = seg if seg.pos is not None else _make_segments(seg.offsets32.long(), a.shape[0], True)
+    n = b.shape[0]
+    buf = a.new_zeros(n, seg.capacity, a.shape[1])  # [N, C, K]
+    buf[seg.expert, seg.pos] = a
+    return torch.bmm(buf, b)[seg.expert, seg.pos]  # [S, M]
+
+
+def _gmm_wgrad(a: Tensor, b: Tensor, seg: _Segments, strategy: str) -> Tensor:
+    """a [S, P], b [S, Q] -> [N, P, Q]: per expert a_eᵀ @ b_e (zero for empty experts)."""
+    at = a.t()
+    if strategy == "grouped_mm" and _aligned(at) and _aligned(b):
+        return torch._grouped_mm(at, b, seg.offsets32)
+    if strategy == "grouped_mm":
+        seg = seg if seg.pos is not None else _make_segments(seg.offsets32.long(), a.shape[0], True)
+    n = seg.offsets32.shape[0]
+    pa = a.new_zeros(n, seg.capacity, a.shape[1])
+    pa[seg.expert, seg.pos] = a
+    pb = b.new_zeros(n, seg.capacity, b.shape[1])
+    pb[seg.expert, seg.pos] = b
+    return torch.bmm(pa.transpose(1, 2), pb)  # [N, P, Q]
+
+
+def _whole_forward(x, w_slot, token, offsets, gw, uw, dw, gb, ub, db, activation, save, strategy):
+    act = get_activation(activation)
+    seg = _make_segments(offsets, token.shape[0], strategy == "padded")
+    xs = x.index_select(0, token)  # [S, D]: the one gather
+    u = _gmm(xs, uw.transpose(1, 2), seg, strategy)  # [S, H]
+    if ub is not None:
+        u = u + ub[seg.expert]
+    if gw is not None:
+        g = _gmm(xs, gw.transpose(1, 2), seg, strategy)
+        if gb is not None:
+            g = g + gb[seg.expert]
+        h = act(g) * u
+    else:
+        g = x.new_empty(0, uw.shape[1])
+        h = act(u)
+    y = _gmm(h, dw.transpose(1, 2), seg, strategy)  # [S, D]
+    if db is not None:
+        y = y + db[seg.expert]
+    y = y.float() * w_slot[:, None]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y)
+    if not save:
+        g, u = x.new_empty(0, uw.shape[1]), x.new_empty(0, uw.shape[1])
+    return out, g, u
+
+
+def _whole_backward(dout, x, w_slot, token, offsets, g, u, gw, uw, dw, gb, ub, db, activation, strategy):
+    act = get_activation(activation)
+    dtype = x.dtype
+    seg = _make_segments(offsets, token.shape[0], strategy == "padded")
+    we = w_slot[:, None]  # [S, 1]
+    dys = dout.index_select(0, token)  # [S, D]
+    if gw is not None:
+        a = act(g)
+        h = a * u
+    else:
+        h = act(u)
+    dhu = _gmm(dys, dw, seg, strategy)  # [S, H]
+    dw_slot = (dhu.float() * h.float()).sum(-1)
+    d_db = None
+    if db is not None:
+        dw_slot = dw_slot + (dys.float() * db.float()[seg.expert]).sum(-1)
+        d_db = torch.zeros(db.shape, dtype=torch.float32, device=db.device)
+        d_db = d_db.index_add_(0, seg.expert, we * dys.float()).to(db.dtype)
+    d_dw = _gmm_wgrad(dys, (h * we).to(dtype), seg, strategy)  # [N, D, H]
+    dh = (dhu * we).to(dtype)
+    if gw is not None:
+        dg = activation_backward(activation, dh * u, g)
+        du = dh * a
+    else:
+        du = activation_backward(activation, dh, u)
+    xs = x.index_select(0, token)
+    dxs = _gmm(du, uw, seg, strategy)  # [S, D]
+    d_uw = _gmm_wgrad(du, xs, seg, strategy)  # [N, H, D]
+    d_ub = None if ub is None else torch.zeros_like(ub).index_add_(0, seg.expert, du)
+    d_gw = d_gb = None
+    if gw is not None:
+        dxs = dxs + _gmm(dg, gw, seg, strategy)
+        d_gw = _gmm_wgrad(dg, xs, seg, strategy)
+        d_gb = None if gb is None else torch.zeros_like(gb).index_add_(0, seg.expert, dg)
+    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, dxs.float())
+    return dx.to(dtype), dw_slot, d_gw, d_uw, d_dw, d_gb, d_ub, d_db
+
+
+# --- the custom ops ----------------------------------------------------------------------------
+
+def _empty_like_opt(t: Optional[Tensor], ref: Tensor) -> Tensor:
+    return ref.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("upcycle::grouped_experts", mutates_args=())
+def grouped_experts_op(
+    x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor,
+    gate_w: Optional[Tensor], up_w: Tensor, down_w: Tensor,
+    gate_b: Optional[Tensor], up_b: Optional[Tensor], down_b: Optional[Tensor],
+    activation: str, strategy: str, save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> out [T, D] (x.dtype), gate and up pre-activations [S, H] (empty unless `save`)."""
+    k = weights.shape[-1]
+    token = torch.div(order, k, rounding_mode="floor")
+    w_slot = weights.reshape(-1).float()[order]  # [S]
+    args = (x, w_slot, token, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, activation, save)
+    if strategy == "loop":
+        out, g, u = _loop_forward(*args)
+    else:
+        out, g, u = _whole_forward(*args, strategy)
+    return out.to(x.dtype), g, u
+
+
+@grouped_experts_op.register_fake
+def _(x, weights, order, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, activation, strategy, save):
+    h = up_w.shape[1]
+    s = order.shape[0] if save else 0
+    return x.new_empty(x.shape), x.new_empty(s if gate_w is not None else 0, h), x.new_empty(s, h)
+
+
+@torch.library.custom_op("upcycle::grouped_experts_backward", mutates_args=())
+def grouped_experts_backward_op(
+    dout: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor,
+    gate_pre: Tensor, up_pre: Tensor,
+    gate_w: Optional[Tensor], up_w: Tensor, down_w: Tensor,
+    gate_b: Optional[Tensor], up_b: Optional[Tensor], down_b: Optional[Tensor],
+    activation: str, strategy: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> dx, dweights [T, K], d gate_w, d up_w, d down_w, d gate_b, d up_b, d down_b
+    (empty tensors stand for absent parameters)."""
+    k = weights.shape[-1]
+    token = torch.div(order, k, rounding_mode="floor")
+    w_slot = weights.reshape(-1).float()[order]
+    dout = dout.contiguous()
+    args = (dout, x, w_slot, token, offsets, gate_pre, up_pre, gate_w, up_w, down_w, gate_b, up_b, down_b, activation)
+    if strategy == "loop":
+        grads = _loop_backward(*args)
+    else:
+        grads = _whole_backward(*args, strategy)
+    dx, dw_slot = grads[0], grads[1]
+    dweights = torch.empty(order.shape[0], dtype=torch.float32, device=x.device).scatter_(0, order, dw_slot)
+    dweights = dweights.view(weights.shape).to(weights.dtype)
+    rest = [_empty_like_opt(t, x) for t in grads[2:]]
+    return (dx, dweights, *rest)
+
+
+@grouped_experts_backward_op.register_fake
+def _(dout, x, weights, order, offsets, gate_pre, up_pre, gate_w, up_w, down_w, gate_b, up_b, down_b, activation, strategy):
+    def like(t):
+        return x.new_empty(0) if t is None else torch.empty_like(t)
+
+    return (
+        torch.empty_like(x), torch.empty_like(weights), like(gate_w), like(up_w), like(down_w),
+        like(gate_b), like(up_b), like(down_b),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, order, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, activation, strategy, save = inputs
+    _, g, u = output
+    ctx.save_for_backward(x, weights, order, offsets, g, u, gate_w, up_w, down_w, gate_b, up_b, down_b)
+    ctx.activation, ctx.strategy = activation, strategy
+
+
+def _backward(ctx, dout, _dg, _du):
+    x, weights, order, offsets, g, u, gate_w, up_w, down_w, gate_b, up_b, down_b = ctx.saved_tensors
+    if (gate_w is not None and g.shape[0] != order.shape[0]) or u.shape[0] != order.shape[0]:
+        raise RuntimeError("grouped_experts: backward needs the forward run with save=True")
+    grads = grouped_experts_backward_op(
+        dout, x, weights, order, offsets, g, u, gate_w, up_w, down_w, gate_b, up_b, down_b,
+        ctx.activation, ctx.strategy,
+    )
+    dx, dweights, d_gw, d_uw, d_dw, d_gb, d_ub, d_db = grads
+    absent = (gate_w is None, False, False, gate_b is None, up_b is None, down_b is None)
+    params = [None if miss else d for miss, d in zip(absent, (d_gw, d_uw, d_dw, d_gb, d_ub, d_db))]
+    return (dx, dweights, None, None, *params, None, None, None)
+
+
+grouped_experts_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- the backend -------------------------------------------------------------------------------
+
+def default_strategy(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type == "cpu":
+        return "loop"
+    return "grouped_mm" if grouped_mm_supported(device, dtype) else "padded"
+
+
+def grouped_forward(
+    experts: GroupedExperts, x: Tensor, indices: Tensor, weights: Tensor, strategy: Optional[str] = None
+) -> Tensor:
+    """x [T, D], indices [T, K], weights [T, K] -> [T, D]; equals `reference_forward`."""
+    strategy = strategy or default_strategy(x.device, x.dtype)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown grouped strategy {strategy!r}; known: {STRATEGIES}")
+    plan = plan_routing(indices, experts.num_experts)
+    params = (experts.gate_proj, experts.up_proj, experts.down_proj, experts.gate_bias, experts.up_bias, experts.down_bias)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weights) + params
+    )
+    out, _, _ = grouped_experts_op(
+        x.contiguous(), weights, plan.order, plan.offsets, *params, experts.activation, strategy, save
+    )
+    return out
+
+
+__all__ = [
+    "RoutingPlan", "plan_routing", "activation_backward", "grouped_mm_supported", "default_strategy",
+    "grouped_forward", "STRATEGIES",
+]
