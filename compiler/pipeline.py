@@ -261,7 +261,7 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool
     if structure_only:
         spec = dataclasses.replace(spec, verify=dataclasses.replace(spec.verify, enabled=False))
     was_training = model.training
-    model.eval()
+    _set_training(model, False)
     discovery, selection, plan = analyse(model, spec)
     if not structure_only:
         for w in plan.warnings:
@@ -300,10 +300,18 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool
         if moe_logits is not None and moe_logits.shape == dense_logits.shape:
             model_error = compare(dense_logits, moe_logits)[1]
             loss_before, loss_after = _lm_loss(dense_logits, probe), _lm_loss(moe_logits, probe)
-    model.train(was_training)
+    _set_training(model, was_training)
     report = Report.build(spec, plan, builder.checks, records, model_error, loss_before, loss_after,
                           seconds=time.perf_counter() - t0, probe="model forward" if capture else "synthetic")
     return UpcycleResult(model, plan, report, records)
+
+
+def _set_training(model: nn.Module, mode: bool) -> None:
+    """model.train(mode); modules of torch.export programs refuse it (their mode is fixed at export)."""
+    try:
+        model.train(mode)
+    except NotImplementedError:
+        pass
 
 
 def _progress_bar(total: int, enabled: bool):

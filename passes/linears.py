@@ -55,7 +55,7 @@ def _get(root: nn.Module, dotted: str) -> torch.Tensor:
     return obj
 
 
-_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
+_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 
 
 def linear_ref(node: fx.Node, root: nn.Module) -> LinearRef | None:
@@ -83,4 +83,4 @@ def linear_input(node: fx.Node) -> fx.Node | None:
     return x if isinstance(x, fx.Node) else None
 
 
-MUL_TARGETS = {operator.mul, torch.mul, torch.Tensor.mul, "mul"}
+MUL_TARGETS = {operator.mul, torch.mul, torch.Tensor.mul, "mul", torch.ops.aten.mul.Tensor}

@@ -60,7 +60,9 @@ def trace_module(module: nn.Module, extra_leaves: frozenset[str] = frozenset()) 
 
 
 def has_linear_descendant(module: nn.Module) -> bool:
-    return any(is_linear_module(m) for m in module.modules())
+    """Whether the module holds anything a linear could use: a linear layer or a matrix parameter
+    (graphs from torch.export apply F.linear to get_attr parameters, with no Linear modules)."""
+    return any(is_linear_module(m) for m in module.modules()) or any(p.dim() >= 2 for p in module.parameters())
 
 
 @dataclass
