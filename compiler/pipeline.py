@@ -292,6 +292,8 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool
         bar.close()
     if capture is not None:
         capture.inputs.clear()
+    order = {f.path: f.index for f in discovery.mlps}
+    builder.checks.sort(key=lambda c: order.get(c.mlp_path, 0))  # units are rewritten deepest-first
 
     model_error = loss_before = loss_after = None
     if probe is not None and dense_logits is not None:

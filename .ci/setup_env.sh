@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Creates .venv with the CPU torch wheel that lies on these machines (pip finds it in its local
+# wheel folder; any other version would pull the multi-GB CUDA build), then the project itself.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e ".[test,examples]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import upcycle, torch, transformers; print(f'environment ready: torch {torch.__version__}, transformers {transformers.__version__}')"
