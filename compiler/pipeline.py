@@ -131,7 +131,10 @@ def _probe_model(model: nn.Module, spec: UpcycleSpec, example_inputs) -> tuple[t
         seq = max(spec.verify.probe_tokens // 2, 1)
         ids = torch.randint(0, vocab, (2, seq), generator=g)
         device = next(model.parameters()).device
-        return (), {"input_ids": ids.to(device)}
+        probe = {"input_ids": ids.to(device)}
+        if getattr(model.config, "is_encoder_decoder", False):  # T5, BART: the decoder needs its own ids
+            probe["decoder_input_ids"] = ids[:, : max(seq // 2, 1)].to(device)
+        return (), probe
     return None
 
 
@@ -150,8 +153,9 @@ def _model_output(model: nn.Module, probe) -> torch.Tensor | None:
 
 
 def _lm_loss(logits: torch.Tensor, probe) -> float | None:
-    ids = probe[1].get("input_ids") if probe else None
-    if ids is None or logits is None or logits.dim() != 3 or logits.shape[-1] < int(ids.max()) + 1:
+    ids = probe[1].get("decoder_input_ids", probe[1].get("input_ids")) if probe else None
+    if ids is None or logits is None or logits.dim() != 3 or logits.shape[:2] != ids.shape[:2] \
+            or logits.shape[-1] < int(ids.max()) + 1:
         return None
     loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
     return float(loss)
