@@ -110,20 +110,8 @@ def _as_probe(example):
 
 
 def explain(discovery) -> str:
-    lines = ["pipeline: trace (top-down, linears as leaves) -> contract activation regions -> match patterns "
-             "(gated, plain) -> choose rewrite unit -> select layers -> weight mapping -> rewrite -> verify", "",
-             "traced units:"]
-    lines += [f"  {u}" for u in discovery.units]
-    if discovery.untraced:
-        lines.append("blocks that did not trace as a whole (their children were traced instead):")
-        lines += [f"  {p or '<root>'}: {why} (direct linears: {', '.join(lin)})" for p, why, lin in discovery.untraced]
-    lines.append("MLPs matched:")
-    for f in discovery.mlps:
-        m = f.match
-        lines.append(f"  [{f.index}] {f.path}: {m.kind}, activation {m.activation or '?'} ({m.activation_desc}), "
-                     f"rewrite unit {f.rewrite_unit or '<root>'}, nodes {', '.join(m.nodes)}"
-                     + (f"; problems: {'; '.join(m.problems)}" if m.problems else ""))
-    return "\n".join(lines) + "\n"
+    """The analysis passes (upcycle.passes.manager), their timings and decisions per block, and the MLPs."""
+    return discovery.explain()
 
 
 def main() -> None:

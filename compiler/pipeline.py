@@ -80,6 +80,8 @@ def analyse(model: nn.Module, spec: UpcycleSpec) -> tuple[Discovery, dict[int, s
     if not discovery.mlps:
         blocks = ", ".join(p or "<root>" for p, _, _ in discovery.untraced[:4])
         extra = f"; blocks that did not trace: {blocks}" if blocks else ""
+        if discovery.problems:  # blocks that look like MLPs, each with the reason it was not handled
+            extra = "; " + "; ".join(discovery.problems[:3])
         raise ModelError(
             f"no MLP found in {type(model).__name__}: no linear -> activation -> linear (or gated) "
             f"dataflow in the traced graphs{extra}"
@@ -116,6 +118,7 @@ def analyse(model: nn.Module, spec: UpcycleSpec) -> tuple[Discovery, dict[int, s
     skipped = [e for e in plan.entries if not e.rewrite and e.reason != "not selected by `layers`"]
     for e in skipped:
         plan.warnings.append(f"{e.path} looks like an MLP but stays dense: {e.reason}")
+    plan.warnings.extend(discovery.problems)  # MLP-like linears no pass could handle, with why
     return discovery, selection, plan
 
 

@@ -22,6 +22,10 @@ from .linears import MUL_TARGETS, linear_ref
 # GLU layouts of a fused [gate | up] projection output of width 2H
 GLU_LAYOUTS = ("gate_first", "up_first", "interleaved_gate_first", "interleaved_up_first")
 
+# What a region computing its input unchanged is called (dropout in eval mode, dtype casts, a
+# contiguous copy): not an activation, a pass-through that the matcher folds into its start node.
+IDENTITY = "identity"
+
 
 @dataclass
 class ActivationRegion:
@@ -38,6 +42,10 @@ def _node_inputs(node: fx.Node) -> list[fx.Node]:
 
 
 def _is_parameter_free_call(node: fx.Node, root: nn.Module) -> bool:
+    from .trace import _splat_call
+
+    if node.op == "call_function" and node.target is _splat_call:
+        return False  # a call into an opaque (leaf) module
     if node.op in ("call_function", "call_method"):
         return True
     if node.op == "call_module":
@@ -138,6 +146,8 @@ def identify(fn: nn.Module, width: int) -> tuple[str | None, str | None, str]:
         return None, None, f"region returns {type(y).__name__}, not a tensor"
     y = y.float()
     if y.shape == x.shape:
+        if torch.equal(y, x):
+            return IDENTITY, None, "identity (pass-through)"
         for name, act in ACTIVATIONS.items():
             if torch.allclose(y, act(x), atol=1e-5, rtol=1e-5):
                 return name, None, name
@@ -152,13 +162,27 @@ def identify(fn: nn.Module, width: int) -> tuple[str | None, str | None, str]:
     return None, None, f"maps width {width} to shape {tuple(y.shape)}"
 
 
-def find_region(start: fx.Node, root: nn.Module, width: int) -> ActivationRegion | None:
+def _consumer_width(exit_node: fx.Node, root: nn.Module) -> int | None:
+    for user in exit_node.users:
+        ref = linear_ref(user, root)
+        if ref is not None:
+            return ref.shape(root)[1]
+    return None
+
+
+def find_region(start: fx.Node, root: nn.Module, width: int | None = None) -> ActivationRegion | None:
+    """The region after `start` (a linear, or a product), identified on inputs of `width`
+    features (default: the in-features of the linear the region feeds)."""
     grown = grow_region(start, root)
     if not grown:
         return None
     exit_node = region_exit(grown, root)
     if exit_node is None:
         return None
+    if width is None:
+        width = _consumer_width(exit_node, root)
+        if width is None:
+            return None
     nodes = _ancestors_within(exit_node, set(grown))
     act, layout, desc = identify(region_function(start, nodes, exit_node, root), width)
     return ActivationRegion(start.name, exit_node.name, tuple(n.name for n in nodes), act, layout, desc)

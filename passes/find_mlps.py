@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
-from .activation_regions import ActivationRegion, _is_product, find_region
+from .activation_regions import IDENTITY, ActivationRegion, _is_product, find_region
 from .linears import LinearRef, linear_input, linear_ref
 
 
@@ -92,34 +92,65 @@ PLAIN = _pattern([("l1", "a"), ("a", "l2")], {"l1": "linear", "a": "act", "l2": 
 
 
 def dataflow_graph(gm: fx.GraphModule) -> tuple[nx.DiGraph, dict[str, ActivationRegion], dict[str, LinearRef]]:
-    """Contracted dataflow graph: node ids are FX node names, or 'act:<start>' for a region."""
+    """Contracted dataflow graph: node ids are FX node names, or 'act:<start>' for a region.
+
+    Pass-through regions (computing the identity: eval-mode dropout, casts, copies) after a
+    linear or a product are folded into that node, so `mul → dropout → down` (T5's gated FFN)
+    reads as `mul → down`; a matched MLP lists those nodes among its own.
+    """
+    g, regions, linears, _ = _contract(gm)
+    return g, regions, linears
+
+
+@dataclass
+class Contracted:
+    """The contracted dataflow of one graph: what the activation-region pass decided."""
+
+    graph: nx.DiGraph
+    regions: dict[str, ActivationRegion]  # 'act:<start>' -> region
+    linears: dict[str, LinearRef]  # node name -> linear
+    passthrough: dict[str, tuple[str, ...]]  # linear or product node -> identity nodes folded into it
+
+
+def contract(gm: fx.GraphModule) -> Contracted:
+    return Contracted(*_contract(gm))
+
+
+def _contract(gm: fx.GraphModule):
     linears: dict[str, LinearRef] = {}
     for node in gm.graph.nodes:
         ref = linear_ref(node, gm)
         if ref is not None:
             linears[node.name] = ref
     regions: dict[str, ActivationRegion] = {}
+    passthrough: dict[str, tuple[str, ...]] = {}
     owner: dict[str, str] = {}
     for node in gm.graph.nodes:
-        if node.name not in linears:
+        is_linear = node.name in linears
+        if node.name in owner or not (is_linear or _is_product(node)):
             continue
-        width = linears[node.name].shape(gm)[0]
+        width = linears[node.name].shape(gm)[0] if is_linear else None
         region = find_region(node, gm, width)
         if region is None or any(n in owner for n in region.nodes):
             continue
-        rid = f"act:{node.name}"
-        regions[rid] = region
-        for n in region.nodes:
-            owner[n] = rid
+        if region.activation == IDENTITY:
+            passthrough[node.name] = region.nodes
+            for n in region.nodes:
+                owner[n] = node.name
+        elif is_linear:
+            rid = f"act:{node.name}"
+            regions[rid] = region
+            for n in region.nodes:
+                owner[n] = rid
 
     g = nx.DiGraph()
     for node in gm.graph.nodes:
         nid = owner.get(node.name, node.name)
         if nid in regions:
             g.add_node(nid, kind="act")
-        elif node.name in linears:
+        elif nid in linears:
             g.add_node(nid, kind="linear")
-        elif _is_product(node):
+        elif nid != node.name or _is_product(node):
             g.add_node(nid, kind="mul")
         else:
             g.add_node(nid, kind=node.op)
@@ -127,16 +158,17 @@ def dataflow_graph(gm: fx.GraphModule) -> tuple[nx.DiGraph, dict[str, Activation
             src = owner.get(inp.name, inp.name)
             if src != nid:
                 g.add_edge(src, nid)
-    return g, regions, linears
+    return g, regions, linears, passthrough
 
 
 def _kind_match(a: dict, b: dict) -> bool:
     return a["kind"] == b["kind"]
 
 
-def find_mlps(gm: fx.GraphModule, unit_path: str = "") -> list[MLPMatch]:
+def find_mlps(gm: fx.GraphModule, unit_path: str = "", contracted: Contracted | None = None) -> list[MLPMatch]:
     """Every MLP in the graph, in graph order, each with the problems that block its rewrite."""
-    g, regions, linears = dataflow_graph(gm)
+    c = contracted or contract(gm)
+    g, regions, linears, passthrough = c.graph, c.regions, c.linears, c.passthrough
     nodes_by_name = {n.name: n for n in gm.graph.nodes}
     used: set[str] = set()
     found: list[MLPMatch] = []
@@ -158,7 +190,7 @@ def find_mlps(gm: fx.GraphModule, unit_path: str = "") -> list[MLPMatch]:
             region = regions[act_id]
             if region.start != (gate_n or up_n):
                 continue
-            match = _build_match(gm, unit_path, linears, nodes_by_name, region, gate_n, up_n, down_n, extra)
+            match = _build_match(gm, unit_path, linears, nodes_by_name, region, gate_n, up_n, down_n, extra, passthrough)
             found.append(match)
             used.update([n for n in (gate_n, up_n, down_n, act_id, *extra) if n])
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
@@ -166,7 +198,7 @@ def find_mlps(gm: fx.GraphModule, unit_path: str = "") -> list[MLPMatch]:
     return found
 
 
-def _build_match(gm, unit_path, linears, nodes_by_name, region, gate_n, up_n, down_n, extra) -> MLPMatch:
+def _build_match(gm, unit_path, linears, nodes_by_name, region, gate_n, up_n, down_n, extra, passthrough) -> MLPMatch:
     problems: list[str] = []
     up, down = linears[up_n], linears[down_n]
     gate = linears[gate_n] if gate_n else None
@@ -182,7 +214,10 @@ def _build_match(gm, unit_path, linears, nodes_by_name, region, gate_n, up_n, do
         problems.append(f"down projection takes {down_in} features, hidden width is {d_ffn}")
     if down_out != d_model:
         problems.append(f"MLP maps width {d_model} to {down_out}; an MoE layer needs equal widths")
-    member_names = [n for n in (gate_n, up_n, *region.nodes, *extra, down_n) if n]
+    inner = [n for n in (gate_n, up_n, *extra) if n]
+    folded = [p for n in inner for p in passthrough.get(n, ())]
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    member_names = sorted({*inner, *region.nodes, *folded, down_n}, key=order.__getitem__)
     members = set(member_names)
     for name in member_names:
         if name == down_n:
