@@ -5,6 +5,7 @@ user said `trust_pickle`; transformers is never asked to trust remote code."""
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ class LoadedModel:
     path: Path
     example_inputs: tuple | None = None  # for export programs: the inputs they were traced with
     extra_files: dict[str, Path] = field(default_factory=dict)  # files to carry into the output
+    tensor_names: list[str] | None = None  # the dense model's tensors, for the manifest's accounting
 
 
 def _transformers():
@@ -56,12 +58,121 @@ def build_transformers_skeleton(config, dtype: torch.dtype | None = None) -> nn.
     return model.to(dtype) if dtype else model
 
 
+def load_config(path: Path):
+    """A transformers config from a directory holding config.json, or from a config .json file.
+    Never runs remote code: the model type must be one transformers knows."""
+    transformers = _transformers()
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ModelError(f"{file}: no config.json; a bare weights file needs its transformers config.json beside it "
+                         "or given with --config")
+    try:
+        data = json.loads(file.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{file}: not valid JSON ({exc})") from None
+    model_type = data.get("model_type")
+    if not model_type:
+        raise ModelError(f"{file}: no `model_type`, so it is not a transformers config")
+    try:
+        cls = transformers.AutoConfig.for_model(model_type).__class__
+        return cls.from_dict({k: v for k, v in data.items() if k != "auto_map"})
+    except Exception as exc:
+        raise ModelError(f"{file}: cannot read as a transformers config ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+def meta_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model of `config` on the meta device: no memory, no random init."""
+    cls = model_class_for(config)
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
+    return model.eval()
+
+
+def check_tensors_against(model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], str]], where) -> None:
+    """Checkpoint {name: (shape, dtype name)} against the model built from the config: same names and
+    shapes, floating-point weights. Tied duplicates may be absent from the checkpoint."""
+    expected = model.state_dict(keep_vars=True)
+    ints = [(n, d) for n, (shape, d) in shapes.items() if len(shape) >= 2 and d not in ("F32", "F16", "BF16", "F64")]
+    if ints:
+        n, d = ints[0]
+        raise ModelError(f"{where}: tensor {n!r} is {d} (quantized or integer weights); upcycling needs floating-point "
+                         "weights (F32, F16, BF16): dequantize the checkpoint first")
+    for name, (shape, _) in shapes.items():
+        if name in expected and tuple(expected[name].shape) != tuple(shape):
+            raise ModelError(f"{where}: config and weights disagree: tensor {name!r} is {list(shape)} in the checkpoint "
+                             f"but {list(expected[name].shape)} in the model built from config.json "
+                             f"({type(model).__name__}); give the config that belongs to these weights")
+    by_id: dict[int, list[str]] = {}
+    for name, t in expected.items():
+        by_id.setdefault(id(t), []).append(name)
+    missing = [names[0] for names in by_id.values() if not any(n in shapes for n in names)]
+    if missing:
+        raise ModelError(f"{where}: config and weights disagree: the model built from config.json needs "
+                         f"{missing[0]!r}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, "
+                         "which the checkpoint does not have")
+    unexpected = [n for n in shapes if n not in expected]
+    if unexpected:
+        raise ModelError(f"{where}: config and weights disagree: the checkpoint holds {unexpected[0]!r}"
+                         f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}, which the model "
+                         f"built from config.json ({type(model).__name__}) has no place for")
+
+
+_DT_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def model_from_state_dict(state: dict, config, where) -> nn.Module:
+    """A transformers model of `config` holding `state` (checked first: names, shapes, dtypes)."""
+    shapes = {n: (tuple(t.shape), _DT_NAMES.get(t.dtype, str(t.dtype))) for n, t in state.items()}
+    floats = [t.dtype for t in state.values() if t.is_floating_point()]
+    dtype = max(set(floats), key=floats.count) if floats else None
+    check_tensors_against(meta_skeleton(config, dtype), shapes, where)
+    model = build_transformers_skeleton(config, dtype)  # real buffers (rotary inv_freq) built from config
+    model.load_state_dict(state, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
+
+
+def load_safetensors_file(path: Path, config_path: Path | None) -> LoadedModel:
+    """A single .safetensors file with its config.json beside it (or given with --config)."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import scan_checkpoint
+
+    config = load_config(config_path or path.parent)
+    infos = scan_checkpoint([path])
+    check_tensors_against(meta_skeleton(config), {n: (i.shape, i.dtype) for n, i in infos.items()}, path)
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read safetensors ({str(exc).splitlines()[0]})") from None
+    model = model_from_state_dict(state, config, path)
+    extra = {name: path.parent / name for name in TOKENIZER_FILES if (path.parent / name).is_file()}
+    return LoadedModel(model, "transformers", path, extra_files=extra)
+
+
+def preflight_transformers_dir(path: Path, config) -> None:
+    """Check a directory's safetensors (index, shards, headers, dtypes, shapes vs config) before
+    transformers loads it, so a broken checkpoint gets one precise message."""
+    from .checkpoint import checkpoint_files, scan_checkpoint
+
+    files = checkpoint_files(path)
+    if not files:
+        return  # e.g. pytorch_model.bin: transformers reads it (weights only)
+    infos = scan_checkpoint(files)
+    check_tensors_against(meta_skeleton(config), {n: (i.shape, i.dtype) for n, i in infos.items()}, path)
+
+
 def load_transformers_dir(path: Path, dtype: torch.dtype | None = None) -> LoadedModel:
     transformers = _transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:
         raise ModelError(f"{path}: cannot read config.json as a transformers config ({type(exc).__name__}: {exc})") from None
+    preflight_transformers_dir(path, config)
     cls = model_class_for(config)
     try:
         model = cls.from_pretrained(str(path), dtype=dtype or "auto", trust_remote_code=False)
@@ -106,7 +217,7 @@ def load_export(path: Path) -> LoadedModel:
     return LoadedModel(module, "export", path, example_inputs=(tuple(args), dict(kwargs)))
 
 
-def load_torch_file(path: Path, trust_pickle: bool) -> LoadedModel:
+def load_torch_file(path: Path, trust_pickle: bool, config_path: Path | None = None) -> LoadedModel:
     if _is_export_archive(path):
         return load_export(path)
     try:
@@ -128,16 +239,36 @@ def load_torch_file(path: Path, trust_pickle: bool) -> LoadedModel:
         return LoadedModel(obj, "pickle", path)
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, "pickle", path)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if config_path is None and not (path.parent / "config.json").is_file():
+            raise ModelError(f"{path}: a state dict (tensors only) needs its model's config.json beside it or "
+                             "given with --config")
+        config = load_config(config_path or path.parent)
+        model = model_from_state_dict(obj, config, path)
+        extra = {name: path.parent / name for name in TOKENIZER_FILES if (path.parent / name).is_file()}
+        return LoadedModel(model, "transformers", path, extra_files=extra)
     raise ModelError(
         f"{path}: holds a {type(obj).__name__} (a state dict?) without the model's architecture; give a "
         "transformers directory (config.json + safetensors), a torch.export program, or a pickled module"
     )
 
 
-def load_model(path, *, trust_pickle: bool = False, dtype: torch.dtype | None = None) -> LoadedModel:
-    path = Path(path)
+def load_model(path, *, trust_pickle: bool = False, dtype: torch.dtype | None = None, config=None) -> LoadedModel:
+    """Load any accepted input; `config`: a config.json (or its folder) for bare weight files."""
+    loaded = _load_model(Path(path), trust_pickle, dtype, Path(config) if config else None)
+    try:
+        loaded.tensor_names = list(loaded.model.state_dict().keys())
+    except Exception:
+        loaded.tensor_names = None
+    return loaded
+
+
+def _load_model(path: Path, trust_pickle: bool, dtype, config_path: Path | None) -> LoadedModel:
     if not path.exists():
-        raise ModelError(f"{path}: no such file or directory (expected a transformers model directory, a .gguf, or a .pt/.pt2 file)")
+        raise ModelError(f"{path}: no such file or directory (expected a transformers model directory, a .safetensors "
+                         "or .pt state dict with config.json beside it, a .gguf, or a torch.export .pt2 file)")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: directory has no config.json, so it is not a transformers model directory")
@@ -146,8 +277,13 @@ def load_model(path, *, trust_pickle: bool = False, dtype: torch.dtype | None = 
         except (OSError, ValueError) as exc:
             raise ModelError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
         return load_transformers_dir(path, dtype)
+    if not os.access(path, os.R_OK):
+        raise ModelError(f"{path}: not readable (permission denied)")
+    if path.suffix == ".safetensors":
+        return load_safetensors_file(path, config_path)
     if path.suffix == ".gguf":
         return load_gguf(path)
     if path.suffix in (".pt", ".pt2", ".pth", ".bin"):
-        return load_torch_file(path, trust_pickle)
-    raise ModelError(f"{path}: unknown model format {path.suffix!r}; expected a directory, .gguf, .pt or .pt2")
+        return load_torch_file(path, trust_pickle, config_path)
+    raise ModelError(f"{path}: unknown model format {path.suffix!r}; expected a transformers directory, a .safetensors "
+                     "or .pt state dict with config.json, a .gguf, or a torch.export .pt2")

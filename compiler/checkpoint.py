@@ -1,0 +1,268 @@
+"""safetensors checkpoints without loading them: headers, validation, and an incremental writer.
+
+Reading: every file's header is parsed and checked (a JSON header of sane length, offsets inside
+the file, no integer weights where a float model is expected) before any tensor is touched, so a
+truncated, corrupt or mismatched checkpoint fails with one message naming the file and tensor.
+Tensors are then read one at a time through `safe_open` (memory-mapped).
+
+Writing: `ShardWriter` knows every output tensor's name, dtype and shape up front (the rewrite is
+planned on the meta device), so each shard's header is written first and tensor bytes follow as
+they are produced; a sha256 of each file is computed while writing. Files follow the transformers
+layout: `model.safetensors`, or `model-0000k-of-0000N.safetensors` + `model.safetensors.index.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        ST_DTYPES[_name] = getattr(torch, _attr)
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in ST_DTYPES.items()}
+FLOAT_ST = {"F64", "F32", "F16", "BF16"}
+INDEX = "model.safetensors.index.json"
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype name: F32, BF16, I8, ...
+    shape: tuple[int, ...]
+    file: Path
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors a safetensors file declares, after checking the header against the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelError(f"{path}: truncated safetensors file ({size} bytes; a valid file starts with an 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise ModelError(f"{path}: corrupt or truncated safetensors file: header length {n} bytes, "
+                                 f"but the file has {size} bytes (a valid file holds 8 + header + tensor data)")
+            raw = f.read(n)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ModelError(f"{path}: corrupt safetensors header ({exc}); the file is not a valid safetensors checkpoint") from None
+    data_bytes = size - 8 - n
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"{path}: corrupt safetensors header entry for {name!r}: {entry!r}") from None
+        if dtype not in ST_DTYPES:
+            raise ModelError(f"{path}: tensor {name!r} has dtype {dtype}, which this tool cannot read "
+                             f"(supported: {', '.join(sorted(ST_DTYPES))})")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - start != numel * ITEMSIZE[dtype] or start < 0:
+            raise ModelError(f"{path}: corrupt safetensors header: tensor {name!r} {dtype}{list(shape)} needs "
+                             f"{numel * ITEMSIZE[dtype]} bytes but its offsets span {end - start}")
+        if end > data_bytes:
+            raise ModelError(f"{path}: truncated safetensors file: the header declares tensor {name!r} up to byte "
+                             f"{end} of the data section, but the file holds only {data_bytes} data bytes "
+                             "(an incomplete download or copy?)")
+        out[name] = TensorInfo(name, dtype, shape, path, end - start)
+    return out
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a transformers directory (index or single file) or a single file."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{index}: not a valid safetensors index (needs a JSON object with a `weight_map` "
+                             f"of tensor name -> shard file): {exc}") from None
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise ModelError(f"{index}: names shard {missing[0]!r}, which is not in {path}"
+                             + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+                             + "; copy every shard listed in the index")
+        return [path / f for f in files]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    return sorted(path.glob("*.safetensors"))
+
+
+def scan_checkpoint(files: list[Path]) -> dict[str, TensorInfo]:
+    """Every tensor of a (sharded) checkpoint; headers checked; a name in two shards is an error."""
+    infos: dict[str, TensorInfo] = {}
+    for f in files:
+        for name, info in read_header(f).items():
+            if name in infos:
+                raise ModelError(f"{f}: tensor {name!r} is also in {infos[name].file.name}; a checkpoint holds each tensor once")
+            infos[name] = info
+    return infos
+
+
+def check_float_weights(infos: dict[str, TensorInfo]) -> None:
+    ints = [i for i in infos.values() if i.dtype not in FLOAT_ST and len(i.shape) >= 2]
+    if ints:
+        i = ints[0]
+        raise ModelError(f"{i.file}: tensor {i.name!r} is {i.dtype} (quantized or integer weights); upcycling needs "
+                         "floating-point weights (F32, F16, BF16): dequantize the checkpoint first")
+
+
+def dominant_float_dtype(infos: dict[str, TensorInfo]) -> torch.dtype:
+    count: dict[str, int] = {}
+    for i in infos.values():
+        if i.dtype in FLOAT_ST:
+            count[i.dtype] = count.get(i.dtype, 0) + i.nbytes
+    return ST_DTYPES[max(count, key=count.get)] if count else torch.float32
+
+
+class TensorReader:
+    """Reads tensors by name from a scanned checkpoint, keeping one safe_open handle per file."""
+
+    def __init__(self, infos: dict[str, TensorInfo]):
+        self.infos = infos
+        self._handles: dict[Path, object] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        info = self.infos[name]
+        h = self._handles.get(info.file)
+        if h is None:
+            try:
+                h = safe_open(str(info.file), framework="pt", device="cpu")
+            except Exception as exc:
+                raise ModelError(f"{info.file}: cannot open as safetensors ({str(exc).splitlines()[0]})") from None
+            self._handles[info.file] = h
+        try:
+            return h.get_tensor(name)
+        except Exception as exc:
+            raise ModelError(f"{info.file}: cannot read tensor {name!r} ({str(exc).splitlines()[0]})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class ShardWriter:
+    """Writes tensors, in the planned order, into shards of at most `max_shard_bytes` (a tensor larger
+    than that gets a shard of its own). Call `write(name, tensor)` for each planned tensor in order."""
+
+    def __init__(self, folder: Path, plan: list[OutTensor], max_shard_bytes: int, metadata: dict | None = None):
+        self.folder = Path(folder)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        shards: list[list[OutTensor]] = [[]]
+        size = 0
+        for t in plan:
+            if shards[-1] and size + t.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(t)
+            size += t.nbytes
+        n = len(shards)
+        self.names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self.shards = shards
+        self.order = [(k, t) for k, s in enumerate(shards) for t in s]
+        self._pos = 0
+        self._file = None
+        self._hash = None
+        self._shard = -1
+        self.files: dict[str, dict] = {}  # name -> {"bytes", "sha256"}
+        self.total_bytes = sum(t.nbytes for t in plan)
+
+    def _open(self, k: int) -> None:
+        header, offset = {}, 0
+        for t in self.shards[k]:
+            header[t.name] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        header["__metadata__"] = self.metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._file = open(self.folder / self.names[k], "wb")
+        self._hash = hashlib.sha256()
+        self._shard = k
+        self._emit(struct.pack("<Q", len(raw)) + raw)
+
+    def _emit(self, data) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+
+    def _close(self) -> None:
+        if self._file is None:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        path = self.folder / self.names[self._shard]
+        self.files[path.name] = {"bytes": path.stat().st_size, "sha256": self._hash.hexdigest()}
+        self._file = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        k, t = self.order[self._pos]
+        if name != t.name or tuple(tensor.shape) != t.shape or tensor.dtype != t.dtype:
+            raise RuntimeError(f"writer expected {t.name} {t.dtype}{list(t.shape)}, got {name} {tensor.dtype}{list(tensor.shape)}")
+        if k != self._shard:
+            self._close()
+            self._open(k)
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._emit(memoryview(data))
+        self._pos += 1
+
+    def finish(self) -> dict[str, dict]:
+        if self._pos != len(self.order):
+            raise RuntimeError(f"writer finished after {self._pos} of {len(self.order)} tensors")
+        self._close()
+        if len(self.names) > 1:
+            weight_map = {t.name: self.names[k] for k, t in self.order}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.folder / INDEX).write_text(json.dumps(index, indent=2))
+        return self.files
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

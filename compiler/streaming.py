@@ -1,0 +1,259 @@
+"""Streaming conversion of a safetensors transformers checkpoint: bounded memory, any size.
+
+1. The model is built from config.json on the meta device (no memory, no random init) and every
+   checkpoint header is checked against it (names, shapes, float dtypes).
+2. Discovery and the rewrite run on the meta model, exactly as in memory (`structure_only`): this
+   says which checkpoint tensors are MLP weights, which MoE tensors each becomes, and every output
+   tensor's name, dtype and shape, so output shard headers can be written before any data.
+3. Output tensors are produced in state-dict order: other tensors are read one at a time from the
+   memory-mapped input and copied; for each MLP its dense tensors are read, mapped to MoE weights
+   by the same code and seeds as the in-memory path (`MoEBuilder.moe_for`, hence the same router
+   init), verified on a synthetic probe (the per-layer check; no whole-model forward in this mode)
+   and written. Peak memory is about one MoE layer plus one dense MLP.
+4. Output: transformers-layout shards (`model-0000k-of-0000N.safetensors` + index, or one
+   `model.safetensors`), config, spec, report, and `upcycle.json` with sha256 per file and the
+   fate of every input tensor; written in a temp folder renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from upcycle.passes.rewrite import linear_paths, rewrite_mlps
+from upcycle.passes.weight_mapping import plan_scaling
+from upcycle.specs import load_spec
+
+from .checkpoint import (ST_DTYPES, OutTensor, ShardWriter, TensorReader, checkpoint_files, dominant_float_dtype,
+                         scan_checkpoint)
+from .errors import ModelError, UpcycleError
+from .loading import TOKENIZER_FILES, check_tensors_against, load_config, meta_skeleton
+from .pipeline import MoEBuilder, _NullProgress, analyse
+from .report import Report
+from .saving import atomic_output, tensor_accounting, tied_aliases, write_metadata
+
+STREAM_THRESHOLD_BYTES = 1 << 30  # the CLI streams safetensors inputs larger than this by default
+DEFAULT_SHARD_BYTES = 2 * 10**9
+VERIFICATION = "per-layer: each MoE layer against its dense MLP on synthetic unit-RMS probes (no whole-model forward)"
+
+
+def safetensors_input(path) -> bool:
+    """Whether `path` is a safetensors checkpoint the streaming mode can read."""
+    path = Path(path)
+    if path.is_file():
+        return path.suffix == ".safetensors"
+    if path.is_dir() and (path / "config.json").is_file():
+        try:
+            return bool(checkpoint_files(path))
+        except UpcycleError:
+            return True  # let the streaming path report the broken index
+    return False
+
+
+def input_bytes(path) -> int:
+    try:
+        return sum(f.stat().st_size for f in checkpoint_files(Path(path)))
+    except (UpcycleError, OSError):
+        return 0
+
+
+@dataclass
+class MetaPlan:
+    """The rewrite planned on the meta device."""
+
+    config: object
+    model: nn.Module  # rewritten meta model
+    infos: dict  # checkpoint tensors
+    records: list
+    plan: object
+    discovery: object
+    seen: dict  # mlp path -> (match, traced unit, [(local name, absolute name)])
+
+
+class _Recorder(MoEBuilder):
+    """Structure-only builder that remembers each MLP's match, traced unit and dense tensor names."""
+
+    def __init__(self, spec, discovery):
+        super().__init__(spec, discovery, None, _NullProgress(), structure_only=True)
+        self.seen = {}
+
+    def __call__(self, match, unit):
+        names = []
+        for ref in match.linears:
+            for local in ref.parameter_names(unit):
+                names.append((local, ".".join(p for p in (match.unit_path, local) if p)))
+        self.seen[match.path] = (match, unit, names)
+        return super().__call__(match, unit)
+
+
+def open_checkpoint(model_path, config_path=None):
+    src = Path(model_path)
+    if not src.exists():
+        raise ModelError(f"{src}: no such file or directory (expected a transformers directory or a .safetensors file "
+                         "with config.json beside it)")
+    if src.is_dir() and not (src / "config.json").is_file() and config_path is None:
+        raise ModelError(f"{src}: directory has no config.json, so it is not a transformers model directory")
+    config = load_config(Path(config_path) if config_path else (src if src.is_dir() else src.parent))
+    files = checkpoint_files(src)
+    if not files:
+        raise ModelError(f"{src}: no safetensors weights (model.safetensors or an index with shards); streaming reads safetensors only")
+    infos = scan_checkpoint(files)
+    return src, config, infos
+
+
+def plan_on_meta(spec, model_path, config_path=None) -> MetaPlan:
+    spec = load_spec(spec)
+    src, config, infos = open_checkpoint(model_path, config_path)
+    dtype = dominant_float_dtype(infos)
+    model = meta_skeleton(config, dtype)
+    check_tensors_against(model, {n: (i.shape, i.dtype) for n, i in infos.items()}, src)
+    discovery, selection, plan = analyse(model, spec)
+    targets = {f.key: f.rewrite_unit for f in discovery.mlps if selection[f.index] == ""}
+    recorder = _Recorder(spec, discovery)
+    model, records = rewrite_mlps(model, targets, recorder)
+    return MetaPlan(config, model, infos, records, plan, discovery, recorder.seen)
+
+
+def _set_tensor(root: nn.Module, dotted: str, value: torch.Tensor) -> None:
+    owner_path, _, attr = dotted.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        setattr(owner, attr, value)
+
+
+def _get_tensor(root: nn.Module, dotted: str) -> torch.Tensor:
+    obj = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass
+class StreamResult:
+    out: Path
+    report: Report
+    manifest: dict
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+
+
+def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = False,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
+                   writer_factory=ShardWriter) -> StreamResult:
+    """Upcycle a safetensors checkpoint on disk into `out_dir` without loading it (see module doc)."""
+    t0 = time.perf_counter()
+    spec = load_spec(spec)
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise UpcycleError(f"{out}: output already exists; choose another path or pass --force (force=True) to replace it")
+    mp = plan_on_meta(spec, model_path, config)
+    src = Path(model_path)
+    final = mp.model.state_dict(keep_vars=True)
+    aliases = tied_aliases(mp.model)  # {duplicate name: first name}
+    moe_of = {}  # output name -> (mlp path, local name)
+    for rec in mp.records:
+        for name in final:
+            if rec.moe_path == "" or name.startswith(rec.moe_path + "."):
+                moe_of[name] = (rec.mlp_path, name[len(rec.moe_path) + 1:] if rec.moe_path else name)
+    outputs: list[OutTensor] = []
+    dropped_alias = {}
+    groups: dict[int, list[str]] = {}
+    for name, t in final.items():
+        groups.setdefault(id(t), []).append(name)
+    for name, t in final.items():
+        names = groups[id(t)]
+        keep = next((n for n in names if n in mp.infos), names[0])
+        if name != keep:
+            dropped_alias[name] = keep
+            continue
+        if name in moe_of:
+            outputs.append(OutTensor(name, t.dtype, tuple(t.shape)))
+        elif name in mp.infos:
+            info = mp.infos[name]
+            outputs.append(OutTensor(name, ST_DTYPES[info.dtype], info.shape))
+        else:
+            raise ModelError(f"{src}: output tensor {name!r} has no source in the checkpoint")
+    out_names = [t.name for t in outputs]
+    tensors = tensor_accounting(list(mp.infos), mp.records, out_names,
+                                aliases={**{k: v for k, v in aliases.items()}, **dropped_alias}, where=str(src))
+
+    builder = MoEBuilder(spec, mp.discovery, None, _NullProgress(), structure_only=False)
+    reader = TensorReader(mp.infos)
+    bar = _bar(len(outputs), progress)
+    extra = {}
+    src_dir = src if src.is_dir() else src.parent
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file():
+            extra[name] = src_dir / name
+
+    def moe_state(mlp_path: str) -> dict[str, torch.Tensor]:
+        match, gm, names = mp.seen[mlp_path]
+        key = linear_paths(match)
+        index = builder.index_of[key]
+        for local, absolute in names:
+            want = _get_tensor(gm, local)
+            _set_tensor(gm, local, reader.get(absolute).to(want.dtype))
+        try:
+            scale = plan_scaling(spec, match.activation, match.gated)
+            with torch.no_grad():
+                moe = builder.moe_for(match, gm, scale, index)
+                if spec.verify.enabled:
+                    builder._verify(match, gm, moe, scale, index, key)
+            state = {k: v.detach() for k, v in moe.state_dict().items()}
+            del moe
+        finally:
+            for local, _ in names:
+                t = _get_tensor(gm, local)
+                _set_tensor(gm, local, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+        return state
+
+    with atomic_output(out, force=force) as tmp:
+        writer = writer_factory(tmp, outputs, max_shard_bytes, metadata={"upcycle_format": "1"})
+        try:
+            current, cache = None, {}
+            for t in outputs:
+                if t.name in moe_of:
+                    mlp_path, local = moe_of[t.name]
+                    if mlp_path != current:
+                        cache = moe_state(mlp_path)
+                        current = mlp_path
+                    value = cache.pop(local)
+                else:
+                    value = reader.get(t.name)
+                writer.write(t.name, value)
+                del value
+                bar.update(1)
+            weight_files = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            reader.close()
+            bar.close()
+        mp.config.save_pretrained(str(tmp))
+        report = Report.build(spec, mp.plan, builder.checks, mp.records, None, None, None,
+                              seconds=time.perf_counter() - t0, probe="synthetic (streaming: per-layer only)")
+        manifest = write_metadata(tmp, spec=spec, kind="transformers", model_class=type(mp.model).__name__, source=src,
+                                  report=report, tensors=tensors, weight_files=weight_files, extra_files=extra,
+                                  streaming=True, verification=VERIFICATION if spec.verify.enabled else "disabled")
+    in_bytes = sum(f.stat().st_size for f in {i.file for i in mp.infos.values()})
+    out_bytes = sum(v["bytes"] for v in weight_files.values())
+    return StreamResult(out, report, manifest, in_bytes, out_bytes, time.perf_counter() - t0)
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return _NullProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="streaming tensors", unit="tensor")
+
+
+__all__ = ["stream_upcycle", "plan_on_meta", "safetensors_input", "input_bytes", "STREAM_THRESHOLD_BYTES"]
