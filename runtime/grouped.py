@@ -147,7 +147,7 @@ def _loop_backward(dout, x, w_slot, token, offsets, g_all, u_all, gw, uw, dw, gb
         else:
             h = act(u)
         dhu = torch.mm(dye, dw[e])  # [n, H]: dout @ Wd_e, before the combine weight
-        dw_e = (dhu.float() * h.float()).sum(-1)  # <dout, h @ Wd_eᵀ>
+        dw_e = torch.linalg.vecdot(dhu.float(), h.float())  # <dout, h @ Wd_eᵀ>
         if db is not None:
             dw_e += dye.float() @ db[e].float()
             d_db[e] = (we * dye.float()).sum(0).to(db.dtype)
@@ -386,12 +386,16 @@ def _(dout, x, weights, order, offsets, gate_pre, up_pre, gate_w, up_w, down_w, 
 def _setup_context(ctx, inputs, output):
     x, weights, order, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, activation, strategy, save = inputs
     _, g, u = output
+    ctx.mark_non_differentiable(g, u)  # saved for backward only
+    ctx.set_materialize_grads(False)  # no [S, H] zero grads filled in for them
     ctx.save_for_backward(x, weights, order, offsets, g, u, gate_w, up_w, down_w, gate_b, up_b, down_b)
     ctx.activation, ctx.strategy = activation, strategy
 
 
 def _backward(ctx, dout, _dg, _du):
     x, weights, order, offsets, g, u, gate_w, up_w, down_w, gate_b, up_b, down_b = ctx.saved_tensors
+    if dout is None:
+        return (None,) * 13
     if (gate_w is not None and g.shape[0] != order.shape[0]) or u.shape[0] != order.shape[0]:
         raise RuntimeError("grouped_experts: backward needs the forward run with save=True")
     grads = grouped_experts_backward_op(

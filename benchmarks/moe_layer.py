@@ -1,0 +1,327 @@
+"""Throughput and memory of one MoE layer, forward + backward, against the dense ideal and transformers.
+
+Paths, all in the same run on the same inputs:
+  dense            SwiGLU MLP of width K·H: the same active FLOPs as the MoE (the ideal; for T = G it
+                   is the upcycled dense MLP itself). No router.
+  reference        upcycle MoELayer, backend `reference` (loop over experts, torch.where per expert)
+  grouped:<s>      upcycle MoELayer, backend `grouped`, strategy s (loop, grouped_mm, padded)
+  triton           upcycle MoELayer, backend `triton` (CUDA only)
+  hf:<impl>        transformers' Qwen2MoeSparseMoeBlock (norm_topk_prob=False: softmax then top-k, no
+                   renormalisation, as ours; shared expert width 0), loaded with the same router and
+                   expert weights; experts implementation `eager` (its default) or `grouped_mm`.
+MoE paths include their router. Timings: one warm-up step per path, then `--repeats` rounds that
+visit the paths in turn (so background load hits all paths alike); the median step is reported.
+Memory, two measures:
+  saved_mb  bytes of tensors saved for backward (torch.autograd.graph.saved_tensors_hooks), without
+            parameters and the layer input: the activation memory a model pays per layer. Exact.
+  peak_mb   peak growth of allocated bytes during one fwd+bwd step: transient buffers and parameter
+            gradients included. CPU: the running "Total Allocated" of torch.profiler's memory events
+            (profile_memory=True; counts allocator requests, not RSS, so it does not depend on what
+            the C allocator caches). CUDA: torch.cuda.max_memory_allocated growth.
+
+    python benchmarks/moe_layer.py --quick --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from upcycle.runtime import MoEConfig, available_backends, build_moe
+from upcycle.runtime.grouped import STRATEGIES, grouped_forward
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # E8G8T8
+    expansion: int
+    granularity: int
+    top_k: int
+    d_model: int
+    d_ffn: int
+    tokens: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.expansion * self.granularity
+
+    @property
+    def d_expert(self) -> int:
+        return self.d_ffn // self.granularity
+
+
+MOE_NAMES = {"E8G8T8": (8, 8, 8), "E8G1T2": (8, 1, 2)}
+D_FFN = {576: 1536, 2048: 5632}
+
+
+# --- the paths -----------------------------------------------------------------------------------
+
+class DenseSwiGLU(nn.Module):
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GroupedStrategy(nn.Module):
+    """Our MoELayer's router with the grouped backend pinned to one strategy."""
+
+    def __init__(self, layer, strategy: str):
+        super().__init__()
+        self.layer, self.strategy = layer, strategy
+
+    def forward(self, x):
+        tokens = x.reshape(-1, x.shape[-1])
+        route = self.layer.router(tokens)
+        out = grouped_forward(self.layer.experts, tokens, route.indices, route.weights, self.strategy)
+        return out.reshape(x.shape)
+
+
+def hf_block(layer, impl: str):
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    c = layer.config
+    cfg = Qwen2MoeConfig(
+        hidden_size=c.d_model, moe_intermediate_size=c.d_expert, num_experts=c.num_experts,
+        num_experts_per_tok=c.top_k, norm_topk_prob=False, shared_expert_intermediate_size=0,
+        hidden_act="silu",
+    )
+    cfg._experts_implementation = impl
+    block = Qwen2MoeSparseMoeBlock(cfg)
+    ex = layer.experts
+    with torch.no_grad():
+        block.gate.weight.copy_(layer.router.weight)
+        block.experts.gate_up_proj.copy_(torch.cat([ex.gate_proj, ex.up_proj], dim=1))  # [N, 2H, D]
+        block.experts.down_proj.copy_(ex.down_proj)  # [N, D, H]
+        block.shared_expert_gate.weight.zero_()
+    return block.to(device=layer.router.weight.device, dtype=ex.up_proj.dtype)
+
+
+def build_paths(s: Setting, device, dtype, wanted):
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=s.d_model, d_expert=s.d_expert, num_experts=s.num_experts, top_k=s.top_k,
+                    gated=True, activation="silu", router_type="softmax_then_topk", aux_loss_coef=0.0)
+    base = build_moe(cfg, device=device, dtype=dtype).eval()  # eval: no aux loss bookkeeping
+    paths = {}
+
+    def want(name):
+        return any(name == w or name.startswith(w + ":") or w == "all" for w in wanted)
+
+    if want("dense"):
+        paths["dense"] = DenseSwiGLU(s.d_model, s.top_k * s.d_expert).to(device=device, dtype=dtype)
+    if want("reference"):
+        paths["reference"] = _layer_with_backend(base, "reference")
+    for st in STRATEGIES:
+        if want(f"grouped:{st}") and (st != "grouped_mm" or hasattr(torch, "_grouped_mm")):
+            paths[f"grouped:{st}"] = GroupedStrategy(base, st)
+    if want("triton") and device.type == "cuda" and "triton" in available_backends():
+        paths["triton"] = _layer_with_backend(base, "triton")
+    for impl in ("eager", "grouped_mm"):
+        if want(f"hf:{impl}"):
+            try:
+                paths[f"hf:{impl}"] = hf_block(base, impl)
+            except Exception as exc:  # transformers missing or changed
+                print(f"  (skipping hf:{impl}: {type(exc).__name__}: {exc})", file=sys.stderr)
+    return base, paths
+
+
+def _layer_with_backend(base, backend):
+    layer = build_moe(MoEConfig(**{**base.config.to_dict(), "backend": backend}))
+    layer.load_state_dict(base.state_dict())
+    return layer.to(device=base.router.weight.device, dtype=base.experts.up_proj.dtype).eval()
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step(module, x, grad):
+    for p in module.parameters():
+        p.grad = None
+    x.grad = None
+    out = module(x)
+    out.backward(grad)
+    return out
+
+
+def timed_step(module, x, grad, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    step(module, x, grad)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def saved_bytes(module, x, grad) -> int:
+    """Bytes saved for backward in one forward, without parameters and the input."""
+    exclude = {p.untyped_storage().data_ptr() for p in module.parameters()} | {x.untyped_storage().data_ptr()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude and st.device.type != "meta":
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(x)
+    out.backward(grad)
+    return sum(seen.values())
+
+
+def peak_bytes(module, x, grad, device) -> int:
+    """Peak growth of allocated bytes during one fwd+bwd step (transients and gradients included)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step(module, x, grad)
+        _sync(device)
+        return torch.cuda.max_memory_allocated() - before
+    # CPU: the profiler's allocator events carry a running total of bytes allocated since it started
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(module, x, grad)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max([0] + totals)
+
+
+def check_agreement(paths, x) -> dict[str, float]:
+    """Max |path - reference| / max |reference| of the forward, against the first MoE path."""
+    with torch.no_grad():
+        outs = {n: m(x).float() for n, m in paths.items() if n != "dense"}
+    if not outs:
+        return {}
+    ref_name = "reference" if "reference" in outs else next(iter(outs))
+    ref = outs[ref_name]
+    return {n: ((o - ref).abs().max() / ref.abs().max()).item() for n, o in outs.items()}
+
+
+def run_setting(s: Setting, args, device, dtype) -> dict:
+    base, paths = build_paths(s, device, dtype, args.paths)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(1, s.tokens, s.d_model, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+    grad = torch.randn(1, s.tokens, s.d_model, generator=g).to(device=device, dtype=dtype)
+    agreement = check_agreement(paths, x[:, : min(s.tokens, 512)])
+    times: dict[str, list[float]] = {n: [] for n in paths}
+    for n, m in paths.items():  # warm-up
+        timed_step(m, x, grad, device)
+    for _ in range(args.repeats):
+        for n, m in paths.items():
+            times[n].append(timed_step(m, x, grad, device))
+    rows = {}
+    for n, m in paths.items():
+        med = statistics.median(times[n])
+        rows[n] = {
+            "median_s": med, "min_s": min(times[n]), "tokens_per_s": s.tokens / med,
+            "saved_mb": saved_bytes(m, x, grad) / 2**20,
+            "peak_mb": peak_bytes(m, x, grad, device) / 2**20,
+            "max_rel_err_vs_reference": agreement.get(n),
+        }
+    dense = rows.get("dense", {}).get("tokens_per_s")
+    ours = [n for n in rows if n.startswith(("grouped", "triton"))]
+    hf = [n for n in rows if n.startswith("hf:")]
+    best = max(ours, key=lambda n: rows[n]["tokens_per_s"]) if ours else None
+    best_hf = max(hf, key=lambda n: rows[n]["tokens_per_s"]) if hf else None
+    summary = {"best_path": best, "best_hf": best_hf}
+    for n in rows:
+        rows[n]["vs_dense"] = rows[n]["tokens_per_s"] / dense if dense else None
+    if best and best_hf:
+        summary["best_vs_hf_eager"] = rows[best]["tokens_per_s"] / rows["hf:eager"]["tokens_per_s"] if "hf:eager" in rows else None
+        summary["best_vs_best_hf"] = rows[best]["tokens_per_s"] / rows[best_hf]["tokens_per_s"]
+    return {"setting": s.__dict__, "paths": rows, "summary": summary}
+
+
+def print_table(result: dict) -> None:
+    s = result["setting"]
+    print(f"\n{s['name']}  d_model {s['d_model']}  d_ffn {s['d_ffn']}  experts {s['expansion'] * s['granularity']}"
+          f" x width {s['d_ffn'] // s['granularity']}  top-{s['top_k']}  tokens {s['tokens']}")
+    print(f"{'path':<18}{'ms/step':>10}{'tokens/s':>11}{'vs dense':>10}{'saved MB':>10}{'peak MB':>9}{'fwd err':>10}")
+    for n, r in result["paths"].items():
+        vd = "" if r["vs_dense"] is None else f"{r['vs_dense']:.2f}x"
+        pk = f"{r['peak_mb']:.0f}"
+        err = "" if r["max_rel_err_vs_reference"] is None else f"{r['max_rel_err_vs_reference']:.1e}"
+        print(f"{n:<18}{r['median_s'] * 1e3:>10.0f}{r['tokens_per_s']:>11.0f}{vd:>10}{r['saved_mb']:>10.0f}{pk:>9}{err:>10}")
+    sm = result["summary"]
+    if sm.get("best_path"):
+        line = f"best path: {sm['best_path']}"
+        if sm.get("best_vs_hf_eager"):
+            line += f"  {sm['best_vs_hf_eager']:.2f}x transformers (eager experts)"
+        if sm.get("best_vs_best_hf"):
+            line += f"  {sm['best_vs_best_hf']:.2f}x the faster transformers path ({sm['best_hf']})"
+        print(line)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CPU-sized run: d_model 576, 4096 tokens, fp32")
+    ap.add_argument("--configs", nargs="+", default=list(MOE_NAMES), choices=list(MOE_NAMES))
+    ap.add_argument("--d-model", nargs="+", type=int, default=[576, 2048], choices=list(D_FFN))
+    ap.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
+    ap.add_argument("--paths", nargs="+", default=["all"],
+                    help="dense reference grouped:loop grouped:grouped_mm grouped:padded triton hf:eager hf:grouped_mm")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--json", default=None, help="write all results to this file")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*empty tensor.*")  # transformers' zero-width shared expert
+    device = torch.device(args.device)
+    if args.quick:
+        args.d_model, args.tokens, args.repeats = [576], [4096], min(args.repeats, 3)
+        args.dtype = args.dtype or "float32"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    meta = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "dtype": str(dtype), "torch": torch.__version__,
+        "loadavg_start": os.getloadavg(),
+    }
+    print(f"device {meta['device']} ({device.type}), {meta['threads']} threads, {dtype}, torch {torch.__version__}, "
+          f"load average {meta['loadavg_start'][0]:.2f}")
+    results = []
+    for d in args.d_model:
+        for name in args.configs:
+            for tokens in args.tokens:
+                e, gran, k = MOE_NAMES[name]
+                s = Setting(name, e, gran, k, d, D_FFN[d], tokens)
+                result = run_setting(s, args, device, dtype)
+                print_table(result)
+                results.append(result)
+    meta["loadavg_end"] = os.getloadavg()
+    print(f"\nload average at the end {meta['loadavg_end'][0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
