@@ -7,6 +7,7 @@ prints one line too, unless --debug asks for the traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import warnings
 from pathlib import Path
@@ -21,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Upcycle a dense transformer into a Mixture-of-Experts model from a YAML spec.",
     )
     p.add_argument("spec", help="spec YAML file, or a preset name (e8g8t8, e8g1t2, e8g1t2-topk-then-softmax, ...)")
-    p.add_argument("model", help="transformers model directory, .gguf file, torch.export program (.pt/.pt2), or pickled module (needs --trust-pickle)")
+    p.add_argument("model", help="transformers model directory (sharded or not), a .safetensors or .pt state dict with "
+                   "config.json beside it (or --config), a .gguf file, a torch.export program (.pt2), or a pickled "
+                   "module (needs --trust-pickle)")
     p.add_argument("-o", "--output", help="output folder (weights, resolved spec, report, manifest)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit; nothing is rewritten or written")
     p.add_argument("--explain", action="store_true", help="print the traced units and each pass's decisions")
@@ -30,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the dense-vs-MoE probe check")
     p.add_argument("--probe-tokens", type=int, default=None, help="tokens in the verification probe batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--config", help="config.json (or its folder) for a bare .safetensors / .pt state dict")
+    stream = p.add_mutually_exclusive_group()
+    stream.add_argument("--stream", action="store_true",
+                        help="stream a safetensors checkpoint tensor by tensor (bounded memory; per-layer verification "
+                        "only); the default for safetensors inputs over 1 GiB")
+    stream.add_argument("--no-stream", action="store_true", help="load the whole model in memory even when it is large")
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard in streaming mode (e.g. 2GB, 500MB)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -71,7 +81,29 @@ def run(argv: list[str] | None = None) -> int:
                     return _fail("--probe-tokens must be >= 1", EXIT_USER_ERROR)
                 verify = dataclasses.replace(verify, probe_tokens=args.probe_tokens)
             spec = dataclasses.replace(spec, verify=verify)
-        loaded = load_model(args.model, trust_pickle=args.trust_pickle)
+        from .streaming import STREAM_THRESHOLD_BYTES, input_bytes, plan_on_meta, safetensors_input, stream_upcycle
+
+        streaming = args.stream or (not args.no_stream and safetensors_input(args.model)
+                                    and input_bytes(args.model) > STREAM_THRESHOLD_BYTES)
+        if streaming:
+            if not Path(args.model).exists() or not safetensors_input(args.model):
+                return _fail(f"{args.model}: --stream needs a safetensors checkpoint (a transformers directory or a "
+                             ".safetensors file with config.json)", EXIT_USER_ERROR)
+            if args.dry_run or args.explain:
+                mp = plan_on_meta(spec, args.model, args.config)
+                if args.explain:
+                    print(explain(mp.discovery))
+                print(render_plan(mp.plan, spec))
+                if args.dry_run:
+                    return 0
+            shard = _parse_size(args.max_shard_size)
+            result = stream_upcycle(spec, args.model, args.output, config=args.config, force=args.force,
+                                    max_shard_bytes=shard, progress=not args.no_progress)
+            print(result.report.to_text())
+            print(f"wrote {result.out} (streamed {result.input_bytes / 1e9:.2f} GB -> {result.output_bytes / 1e9:.2f} GB "
+                  f"in {result.seconds:.1f} s)")
+            return 0
+        loaded = load_model(args.model, trust_pickle=args.trust_pickle, config=args.config)
         if args.dry_run or args.explain:
             discovery, _, plan = analyse(loaded.model, spec)
             if args.explain:
@@ -87,7 +119,8 @@ def run(argv: list[str] | None = None) -> int:
             if issubclass(w.category, (UserWarning,)) and "upcycle" in str(w.filename):
                 print(f"upcycle-compile: warning: {w.message}", file=sys.stderr)
         print(result.report.to_text())
-        out = save(result.model, args.output, spec=spec, report=result.report, source=loaded, force=args.force)
+        out = save(result.model, args.output, spec=spec, report=result.report, source=loaded, force=args.force,
+                   records=result.records)
         print(f"wrote {out}")
         return 0
     except UpcycleError as exc:
@@ -96,10 +129,32 @@ def run(argv: list[str] | None = None) -> int:
         return _fail(str(exc), EXIT_USER_ERROR)
     except KeyboardInterrupt:
         return _fail("interrupted; no output was written", 130)
+    except OSError as exc:  # disk full, permissions, I/O errors: the user's environment, not a bug
+        if args.debug:
+            raise
+        where = exc.filename or args.output or args.model
+        return _fail(f"{where}: {exc.strerror or exc}; no output was written (free space or choose another -o)"
+                     if exc.errno == errno.ENOSPC else f"{where}: {exc.strerror or exc}; no output was written",
+                     EXIT_USER_ERROR)
     except Exception as exc:  # a bug: one line unless --debug
         if args.debug:
             raise
         return _fail(f"internal error ({type(exc).__name__}: {exc}); re-run with --debug for the traceback", EXIT_INTERNAL_ERROR)
+
+
+def _parse_size(text: str) -> int:
+    from .errors import UpcycleError
+
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        value = int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise UpcycleError(f"--max-shard-size {text!r}: expected a size like 2GB, 500MB or 1GiB") from None
+    if value < 1:
+        raise UpcycleError(f"--max-shard-size {text!r}: must be positive")
+    return value
 
 
 def _as_probe(example):

@@ -227,5 +227,8 @@ def load_into(dense_model: nn.Module, path, *, spec=None) -> nn.Module:
         )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:  # modules of torch.export programs keep the mode they were exported in
+        pass
     return model

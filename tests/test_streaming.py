@@ -1,0 +1,170 @@
+"""Streaming conversion: same model as in memory, transformers-layout shards, every input tensor
+accounted for, atomic output that survives an interruption."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import upcycle
+from upcycle.compiler.checkpoint import ShardWriter
+from upcycle.compiler.cli import run
+from upcycle.compiler.errors import ModelError
+from upcycle.compiler.loading import load_model
+from upcycle.compiler.pipeline import upcycle_model
+from upcycle.compiler.saving import save, tensor_accounting
+from upcycle.compiler.streaming import stream_upcycle
+from upcycle.passes.rewrite import RewriteRecord
+from upcycle.runtime import MoELayer
+
+
+def _cfg(tie=False, layers=2):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=96, tie_word_embeddings=tie, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("stream-models")
+    torch.manual_seed(0)
+    LlamaForCausalLM(_cfg(tie=False)).save_pretrained(root / "untied")
+    torch.manual_seed(1)
+    LlamaForCausalLM(_cfg(tie=True)).save_pretrained(root / "tied", max_shard_size="20KB")  # sharded input
+    return root
+
+
+SPEC = "e8g1t2"
+
+
+def _in_memory(path, out):
+    loaded = load_model(path)
+    res = upcycle_model(loaded.model, SPEC)
+    save(res.model, out, spec=SPEC, report=res.report, source=loaded, records=res.records)
+    return out
+
+
+@pytest.mark.parametrize("name", ["untied", "tied"])
+def test_stream_equals_in_memory(models, tmp_path, name):
+    src = models / name
+    res = stream_upcycle(SPEC, src, tmp_path / "s", max_shard_bytes=30_000)
+    assert (tmp_path / "s" / "model.safetensors.index.json").is_file()
+    shards = sorted((tmp_path / "s").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    a = upcycle.load(tmp_path / "s").state_dict()
+    b = upcycle.load(_in_memory(src, tmp_path / "m")).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # same seed -> same router init, same experts
+    m = res.manifest
+    assert m["streaming"] is True and "synthetic" in m["verification"]
+    for fname, entry in m["files"].items():  # sha256 computed while writing matches the bytes on disk
+        assert hashlib.sha256((tmp_path / "s" / fname).read_bytes()).hexdigest() == entry["sha256"], fname
+    acc = m["tensors"]
+    assert "model.layers.0.mlp.up_proj.weight" in acc["transformed"]
+    assert "model.layers.0.mlp.router.weight" in acc["transformed"]["model.layers.0.mlp.up_proj.weight"]
+    assert "model.embed_tokens.weight" in acc["copied"]
+    assert len(res.report.layers) == 2 and all(c["passed"] for c in res.report.layers)
+
+
+def test_manifest_accounts_every_input_tensor(models, tmp_path):
+    from safetensors import safe_open
+
+    src = models / "tied"
+    stream_upcycle(SPEC, src, tmp_path / "s")
+    acc = json.loads((tmp_path / "s" / "upcycle.json").read_text())["tensors"]
+    names = set()
+    for f in src.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            names |= set(h.keys())
+    accounted = set(acc["copied"]) | set(acc["transformed"]) | set(acc["dropped"])
+    assert names == accounted
+    # the in-memory path writes the same accounting
+    _in_memory(src, tmp_path / "m")
+    acc_m = json.loads((tmp_path / "m" / "upcycle.json").read_text())["tensors"]
+    assert set(acc_m["transformed"]) == set(acc["transformed"])
+
+
+def test_tied_duplicate_in_checkpoint_is_dropped_with_reason(models, tmp_path):
+    from safetensors.torch import load_file
+
+    src = tmp_path / "dup"
+    src.mkdir()
+    (src / "config.json").write_text((models / "tied" / "config.json").read_text())
+    state = {}
+    for f in (models / "tied").glob("*.safetensors"):
+        state.update(load_file(str(f)))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    res = stream_upcycle(SPEC, src, tmp_path / "s")
+    dropped = res.manifest["tensors"]["dropped"]
+    assert "lm_head.weight" in dropped and "tied to model.embed_tokens.weight" in dropped["lm_head.weight"]
+
+
+def test_accounting_refuses_to_lose_a_tensor():
+    rec = RewriteRecord("mlp", "mlp", "replace_module", "mlp", ["mlp.up.weight", "mlp.down.weight"])
+    acc = tensor_accounting(["a", "mlp.up.weight", "mlp.down.weight"], [rec], ["a", "mlp.experts.up_proj"])
+    assert acc["copied"] == ["a"] and acc["transformed"]["mlp.up.weight"] == ["mlp.experts.up_proj"]
+    with pytest.raises(ModelError, match="'b' would be lost"):
+        tensor_accounting(["a", "b", "mlp.up.weight"], [rec], ["a", "mlp.experts.up_proj"])
+
+
+def test_interrupted_run_leaves_nothing_and_reruns(models, tmp_path):
+    class Interrupting(ShardWriter):
+        def write(self, name, tensor):
+            if self._pos == 5:
+                raise KeyboardInterrupt
+            super().write(name, tensor)
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        stream_upcycle(SPEC, models / "untied", out, max_shard_bytes=30_000, writer_factory=Interrupting)
+    assert list(tmp_path.iterdir()) == []  # no output, no temp folder
+    stream_upcycle(SPEC, models / "untied", out)
+    assert isinstance(upcycle.load(out).model.layers[1].mlp, MoELayer)
+    with pytest.raises(upcycle.UpcycleError, match="--force"):
+        stream_upcycle(SPEC, models / "untied", out)
+    stream_upcycle(SPEC, models / "untied", out, force=True)
+
+
+def test_cli_stream_and_generate(models, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run([SPEC, str(models / "tied"), "-o", str(out), "--stream", "--no-progress", "--max-shard-size", "40KB"]) == 0
+    assert "streamed" in capsys.readouterr().out
+    model = upcycle.load(out)
+    ids = torch.randint(0, 96, (1, 5))
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 7)
+    assert run([SPEC, str(models / "tied"), "--dry-run", "--stream"]) == 0
+    assert "MLPs found: 2, rewritten: 2" in capsys.readouterr().out
+
+
+def test_single_safetensors_and_pt_state_dict_inputs(models, tmp_path, capsys):
+    from transformers import LlamaForCausalLM
+
+    src = models / "untied"
+    # a bare .safetensors with --config (config elsewhere)
+    weights = tmp_path / "w" / "weights.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes((src / "model.safetensors").read_bytes())
+    assert run([SPEC, str(weights), "--config", str(src / "config.json"), "-o", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert run([SPEC, str(weights), "--config", str(src), "-o", str(tmp_path / "b"), "--stream", "--no-progress"]) == 0
+    # a .pt state dict (weights_only) with config.json beside it
+    pt_dir = tmp_path / "pt"
+    pt_dir.mkdir()
+    dense = LlamaForCausalLM.from_pretrained(src)
+    torch.save(dense.state_dict(), pt_dir / "model.pt")
+    (pt_dir / "config.json").write_text((src / "config.json").read_text())
+    assert run([SPEC, str(pt_dir / "model.pt"), "-o", str(tmp_path / "c"), "--no-progress"]) == 0
+    capsys.readouterr()
+    sds = [upcycle.load(tmp_path / n).state_dict() for n in "abc"]
+    for k in sds[0]:
+        assert torch.equal(sds[0][k], sds[1][k]) and torch.equal(sds[0][k], sds[2][k]), k
+    manifest = json.loads((tmp_path / "a" / "upcycle.json").read_text())
+    assert manifest["tensors"]["copied"] and manifest["streaming"] is False
