@@ -27,6 +27,7 @@ from upcycle.passes.weight_mapping import (
     extract_dense_weights,
     plan_scaling,
     router_init,
+    shared_expert_weights,
     virtual_group_ok,
 )
 from upcycle.runtime.moe import MoELayer
@@ -110,9 +111,10 @@ def analyse(model: nn.Module, spec: UpcycleSpec) -> tuple[Discovery, dict[int, s
             f"{type(model).__name__}: {len(plan.entries)} MLP(s) found but none is rewritten "
             f"({plan.entries[0].path}: {plan.entries[0].reason}); check `layers` in {spec.source}"
         )
-    if spec.router.init == "virtual_group" and not virtual_group_ok(spec):
+    if spec.router.init in ("virtual_group", "kmeans") and not virtual_group_ok(spec):
+        shared = f" - shared_experts={spec.experts.shared_experts}" if spec.experts.shared_experts else ""
         plan.warnings.append(
-            f"top_k={spec.experts.top_k} is not a multiple of granularity={spec.experts.granularity}: "
+            f"top_k={spec.experts.top_k} is not a multiple of granularity={spec.experts.granularity}{shared}: "
             "virtual groups cannot be whole, tokens see partial copies of the dense MLP"
         )
     skipped = [e for e in plan.entries if not e.rewrite and e.reason != "not selected by `layers`"]
@@ -187,9 +189,12 @@ class MoEBuilder:
             return moe.to_empty(device=dense.up.device).to(dense.up.dtype)
         g = torch.Generator().manual_seed(self.spec.seed * 100_003 + index)
         state = {f"experts.{k}": v for k, v in expert_weights(dense, self.spec, scale, g).items()}
-        state["router.weight"] = router_init(self.spec, match.d_model, g).to(dense.up.dtype)
+        key = linear_paths(match)
+        calib = self.capture.inputs.get(key) if self.capture is not None and self.spec.router.init == "kmeans" else None
+        state["router.weight"] = router_init(self.spec, match.d_model, g, inputs=calib,
+                                             where=self.path_of.get(key, "")).to(dense.up.dtype)
         if cfg.shared_d_ffn:
-            state.update(_shared_expert_state(dense, self.spec))
+            state.update({f"shared_expert.{k}": v for k, v in shared_expert_weights(dense, self.spec).items()})
         moe.load_state_dict(state, assign=True, strict=True)
         return moe.to(dense.up.device)
 
@@ -228,26 +233,6 @@ class MoEBuilder:
             )
 
 
-def _shared_expert_state(dense, spec: UpcycleSpec) -> dict[str, torch.Tensor]:
-    """Shared experts take the first `shared_experts` shards of the dense MLP, unscaled."""
-    g = spec.experts.granularity
-    h = dense.d_ffn // g
-    width = spec.experts.shared_experts * h
-    state = {
-        "shared_expert.up_proj.weight": dense.up[:width].clone(),
-        "shared_expert.down_proj.weight": dense.down[:, :width].clone(),
-    }
-    if dense.gate is not None:
-        state["shared_expert.gate_proj.weight"] = dense.gate[:width].clone()
-    if dense.up_bias is not None:
-        state["shared_expert.up_proj.bias"] = dense.up_bias[:width].clone()
-        if dense.gate_bias is not None:
-            state["shared_expert.gate_proj.bias"] = dense.gate_bias[:width].clone()
-    if dense.down_bias is not None:
-        state["shared_expert.down_proj.bias"] = torch.zeros_like(dense.down_bias)
-    return state
-
-
 class _NullProgress:
     def update(self, n: int) -> None:
         pass
@@ -276,7 +261,8 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool
     targets = {f.key: f.rewrite_unit for f in discovery.mlps if selection[f.index] == ""}
 
     capture, probe, dense_logits = None, None, None
-    if spec.verify.enabled:
+    # the probe forward also gives kmeans router init its calibration batch (the MLP inputs)
+    if spec.verify.enabled or (spec.router.init == "kmeans" and not structure_only):
         probe = _probe_model(model, spec, example_inputs)
         if probe is not None:
             capture = ProbeCapture()

@@ -3,10 +3,25 @@
 Fine-grained shards along the hidden dimension (gate/up re-paired per shard), E copies, expert e
 holding shard e mod G, virtual-group router rows repeated G times, and the weight-scaling factor
 placed where the activation lets it be exact.
+
+Shared experts (`experts.shared_experts: S`, S < G): the dense MLP's G shards are divided between
+an always-on shared expert and the routed experts, so that together they hold every hidden unit
+once, as the dense MLP does:
+  - the shared expert is shards 0 … S−1 (hidden units [0, S·F/G)), copied exactly, scale 1, and it
+    carries the whole second-layer bias (so the bias is added exactly once, whatever the router does);
+  - the routed experts are E copies of the remaining G' = G − S shards (N = E·G' experts of width
+    F/G, expert e holding remaining shard S + (e mod G')), with virtual groups of G' experts;
+  - the routed scaling is computed for the remaining mass as if G' were the granularity:
+    topk_then_softmax a = G', softmax_then_topk a = E·G'²/T.
+Then shared(x) + Σ_routed = dense(x) exactly for topk_then_softmax with T = G' (one whole virtual
+group, weight 1/G' each, times a = G'), and softmax_then_topk is approximate in the same way as
+without shared experts, but only on the routed fraction G'/G of the output. (Copying S shards into
+the shared expert while keeping full routed copies, the earlier scheme, adds those S shards twice.)
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +97,8 @@ def scaling_factor(spec: UpcycleSpec) -> float:
         return 1.0
     if spec.weight_scaling != "auto":
         return float(spec.weight_scaling)
-    e, g, t = spec.experts.expansion, spec.experts.granularity, spec.experts.top_k
+    # with shared experts the routed experts rebuild only the G' = G − S shards the shared one lacks
+    e, g, t = spec.experts.expansion, spec.experts.routed_granularity, spec.experts.top_k
     if spec.router.type == "softmax_then_topk":
         return e * g * g / t
     return float(g)
@@ -109,14 +125,82 @@ def plan_scaling(spec: UpcycleSpec, activation: str, gated: bool) -> Scaling:
     return Scaling(a, s, s, "balanced", exact)
 
 
-def router_init(spec: UpcycleSpec, d_model: int, generator: torch.Generator) -> torch.Tensor:
-    """[N, D] router weight: virtual_group repeats E random rows G times (consecutively)."""
-    e, g = spec.experts.expansion, spec.experts.granularity
+def router_init(spec: UpcycleSpec, d_model: int, generator: torch.Generator,
+                inputs: torch.Tensor | None = None, where: str = "") -> torch.Tensor:
+    """[N, D] router weight.
+
+    virtual_group: E random rows N(0, init_std²), each repeated G' times (consecutively).
+    random: N independent random rows.
+    kmeans: E rows from a k-means clustering of `inputs` ([tokens, D], the MLP's inputs on the
+    calibration probe), each repeated G' times; see `kmeans_router_rows`. Without inputs it warns
+    and falls back to virtual_group.
+    """
+    e, g = spec.experts.expansion, spec.experts.routed_granularity
     std = spec.router.init_std
-    if spec.router.init == "virtual_group":
+    init = spec.router.init
+    if init == "kmeans":
+        if inputs is not None and inputs.shape[0] >= e:
+            rows = kmeans_router_rows(inputs, e, std, generator)  # [E, D]
+            return rows.repeat_interleave(g, dim=0)
+        have = "no calibration inputs" if inputs is None else f"only {inputs.shape[0]} calibration tokens (< {e} clusters)"
+        warnings.warn(f"{where or 'router'}: router.init kmeans needs the MLP's inputs from a probe forward, "
+                      f"but there are {have}; using virtual_group instead", stacklevel=2)
+        init = "virtual_group"
+    if init == "virtual_group":
         rows = torch.randn(e, d_model, generator=generator) * std  # [E, D]
         return rows.repeat_interleave(g, dim=0)  # [E·G, D]: row r serves experts r·G … r·G+G-1
     return torch.randn(e * g, d_model, generator=generator) * std
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine k-means on the rows of x [tokens, D]: (unit centroids [k, D], assignment [tokens]).
+
+    Seeded k-means++ start (by cosine distance), then Lloyd steps: assign each token to the
+    centroid of largest dot product, centroid = normalised mean of its tokens. An empty cluster is
+    re-seeded with the token farthest from its centroid.
+    """
+    u = torch.nn.functional.normalize(x.float(), dim=-1)  # [t, D]
+    t = u.shape[0]
+    first = int(torch.randint(t, (1,), generator=generator))
+    cent = [u[first]]
+    dist = 1.0 - u @ u[first]  # [t]
+    for _ in range(1, k):
+        w = dist.clamp_min(0)
+        idx = int(torch.multinomial(w / w.sum(), 1, generator=generator)) if float(w.sum()) > 0 else \
+            int(torch.randint(t, (1,), generator=generator))
+        cent.append(u[idx])
+        dist = torch.minimum(dist, 1.0 - u @ u[idx])
+    c = torch.stack(cent)  # [k, D]
+    assign = torch.full((t,), -1, dtype=torch.long)
+    for _ in range(iters):
+        sim = u @ c.T  # [t, k]
+        new = sim.argmax(dim=-1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+        sums = torch.zeros_like(c).index_add_(0, assign, u)
+        counts = torch.bincount(assign, minlength=k)
+        for j in torch.nonzero(counts == 0).flatten().tolist():  # empty cluster: take the worst-fitted token
+            far = int(sim.max(dim=-1).values.argmin())
+            sums[j] = u[far]
+            sim[far] = float("inf")
+        c = torch.nn.functional.normalize(sums, dim=-1)
+    return c, (u @ c.T).argmax(dim=-1)
+
+
+def kmeans_router_rows(inputs: torch.Tensor, e: int, std: float, generator: torch.Generator) -> torch.Tensor:
+    """[E, D] router rows: unit centroids of a spherical k-means (k = E) on the MLP inputs, scaled to
+    norm init_std·√D.
+
+    Why spherical (cosine) k-means: router logits are dot products x·r. With unit-norm rows of equal
+    length, argmax_r x·r is exactly the cosine k-means assignment, so every calibration token is
+    routed to the virtual group of its own cluster. Why norm init_std·√D: it is the expected norm of
+    a random N(0, init_std²) row, so logits keep the usual init scale (the router stays close to
+    uniform at init, which is what the softmax_then_topk weight scaling assumes) and only their
+    direction comes from the data.
+    """
+    centroids, _ = spherical_kmeans(inputs, e, generator)
+    return centroids * (std * inputs.shape[-1] ** 0.5)
 
 
 def shard_rows(t: torch.Tensor | None, g: int) -> torch.Tensor | None:
@@ -127,14 +211,21 @@ def shard_rows(t: torch.Tensor | None, g: int) -> torch.Tensor | None:
 
 
 def expert_weights(dense: DenseMLPWeights, spec: UpcycleSpec, scale: Scaling, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """The routed experts' stacked tensors, keyed as in runtime.GroupedExperts."""
-    e, g = spec.experts.expansion, spec.experts.granularity
+    """The routed experts' stacked tensors, keyed as in runtime.GroupedExperts.
+
+    With S shared experts only shards S … G−1 are routed (the shared expert holds 0 … S−1, see
+    `shared_expert_weights`): expert e holds shard S + (e mod G'), G' = G − S.
+    """
+    e, g, s = spec.experts.expansion, spec.experts.granularity, spec.experts.shared_experts
     d = dense.d_model
     dtype = dense.up.dtype
 
     def experts_from_rows(t: torch.Tensor | None, factor: float) -> torch.Tensor | None:
         shards = shard_rows(None if t is None else t.float() * factor, g)  # [G, H, ...]
-        return None if shards is None else shards.repeat(e, *([1] * (shards.dim() - 1)))  # [E·G, H, ...]
+        if shards is None:
+            return None
+        shards = shards[s:]  # [G', H, ...]: the shards the shared expert does not hold
+        return shards.repeat(e, *([1] * (shards.dim() - 1)))  # [E·G', H, ...]
 
     out = {
         "up_proj": experts_from_rows(dense.up, scale.first),  # [N, H, D]
@@ -143,10 +234,13 @@ def expert_weights(dense: DenseMLPWeights, spec: UpcycleSpec, scale: Scaling, ge
         "gate_bias": experts_from_rows(dense.gate_bias, scale.first),
     }
     down = dense.down.float().t() * scale.down  # [F, D]
-    out["down_proj"] = shard_rows(down, g).transpose(1, 2).repeat(e, 1, 1)  # [N, D, H]
-    if dense.down_bias is not None:
+    out["down_proj"] = shard_rows(down, g)[s:].transpose(1, 2).repeat(e, 1, 1)  # [N, D, H]
+    n = out["down_proj"].shape[0]
+    if dense.down_bias is not None and s:
+        out["down_bias"] = torch.zeros(n, d)  # the shared expert adds the whole bias, exactly
+    elif dense.down_bias is not None:
         # every expert carries a/G of the bias, so a whole virtual group (G shards) adds it once
-        out["down_bias"] = (dense.down_bias.float() * scale.factor / g).expand(e * g, d).clone()  # [N, D]
+        out["down_bias"] = (dense.down_bias.float() * scale.factor / g).expand(n, d).clone()  # [N, D]
 
     r = spec.experts.drop_upcycling
     if r > 0:
@@ -179,15 +273,31 @@ def _drop_upcycle(out: dict, dense: DenseMLPWeights, r: float, scale: Scaling, g
         out["down_proj"][expert][:, units] = torch.randn(cols.shape, generator=generator) * stds["down_proj"]
 
 
+def shared_expert_weights(dense: DenseMLPWeights, spec: UpcycleSpec) -> dict[str, torch.Tensor]:
+    """runtime.SharedExpert state: the first S shards of the dense MLP (hidden units [0, S·F/G)),
+    unscaled, plus the whole second-layer bias (routed experts then carry none)."""
+    width = spec.experts.shared_experts * (dense.d_ffn // spec.experts.granularity)
+    state = {
+        "up_proj.weight": dense.up[:width],
+        "down_proj.weight": dense.down[:, :width],
+        "gate_proj.weight": None if dense.gate is None else dense.gate[:width],
+        "up_proj.bias": None if dense.up_bias is None else dense.up_bias[:width],
+        "gate_proj.bias": None if dense.gate_bias is None else dense.gate_bias[:width],
+        "down_proj.bias": dense.down_bias,
+    }
+    return {k: v.clone().contiguous() for k, v in state.items() if v is not None}
+
+
 def virtual_group_ok(spec: UpcycleSpec) -> bool:
-    return spec.router.init == "virtual_group" and spec.experts.top_k % spec.experts.granularity == 0
+    return spec.router.init in ("virtual_group", "kmeans") and spec.experts.top_k % spec.experts.routed_granularity == 0
 
 
 def expected_exact(spec: UpcycleSpec, scale: Scaling) -> bool:
     """Cases where the upcycled layer must equal the dense MLP (UPCYCLING.md §4)."""
     ex = spec.experts
-    if spec.router.type != "topk_then_softmax" or ex.drop_upcycling > 0 or ex.shared_experts > 0:
+    if spec.router.type != "topk_then_softmax" or ex.drop_upcycling > 0:
         return False
-    if ex.granularity == 1:
-        return scale.factor == 1.0  # every expert is the whole MLP and kept weights sum to 1
-    return ex.top_k == ex.granularity and spec.router.init == "virtual_group" and scale.exact and scale.factor == ex.granularity
+    g = ex.routed_granularity  # shared experts: the routed part rebuilds the remaining G − S shards
+    if g == 1:
+        return scale.factor == 1.0  # every routed expert is the same (remaining) MLP, kept weights sum to 1
+    return ex.top_k == g and spec.router.init in ("virtual_group", "kmeans") and scale.exact and scale.factor == g

@@ -332,6 +332,7 @@ def grouped_experts_op(
     token = torch.div(order, k, rounding_mode="floor")
     w_slot = weights.reshape(-1).float()[order]  # [S]
     args = (x, w_slot, token, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, activation, save)
+    strategy = resolve_strategy(strategy, x.device, x.dtype)
     if strategy == "loop":
         out, g, u = _loop_forward(*args)
     else:
@@ -361,6 +362,7 @@ def grouped_experts_backward_op(
     w_slot = weights.reshape(-1).float()[order]
     dout = dout.contiguous()
     args = (dout, x, w_slot, token, offsets, gate_pre, up_pre, gate_w, up_w, down_w, gate_b, up_b, down_b, activation)
+    strategy = resolve_strategy(strategy, x.device, x.dtype)
     if strategy == "loop":
         grads = _loop_backward(*args)
     else:
@@ -413,7 +415,11 @@ grouped_experts_op.register_autograd(_backward, setup_context=_setup_context)
 
 # --- the backend -------------------------------------------------------------------------------
 
-def default_strategy(device: torch.device, dtype: torch.dtype) -> str:
+def resolve_strategy(strategy: str, device: torch.device, dtype: torch.dtype) -> str:
+    """`auto`: `loop` on CPU; elsewhere `grouped_mm` where it runs for the dtype, else `padded`.
+    Resolved inside the ops (at run time), so the probe of `_grouped_mm` never enters a graph."""
+    if strategy != "auto":
+        return strategy
     if device.type == "cpu":
         return "loop"
     return "grouped_mm" if grouped_mm_supported(device, dtype) else "padded"
@@ -422,9 +428,10 @@ def default_strategy(device: torch.device, dtype: torch.dtype) -> str:
 def grouped_forward(
     experts: GroupedExperts, x: Tensor, indices: Tensor, weights: Tensor, strategy: Optional[str] = None
 ) -> Tensor:
-    """x [T, D], indices [T, K], weights [T, K] -> [T, D]; equals `reference_forward`."""
-    strategy = strategy or default_strategy(x.device, x.dtype)
-    if strategy not in STRATEGIES:
+    """x [T, D], indices [T, K], weights [T, K] -> [T, D]; equals `reference_forward`.
+    `strategy`: one of STRATEGIES, or None / "auto" for the device's default."""
+    strategy = strategy or "auto"
+    if strategy != "auto" and strategy not in STRATEGIES:
         raise ValueError(f"unknown grouped strategy {strategy!r}; known: {STRATEGIES}")
     plan = plan_routing(indices, experts.num_experts)
     params = (experts.gate_proj, experts.up_proj, experts.down_proj, experts.gate_bias, experts.up_bias, experts.down_bias)
@@ -438,6 +445,6 @@ def grouped_forward(
 
 
 __all__ = [
-    "RoutingPlan", "plan_routing", "activation_backward", "grouped_mm_supported", "default_strategy",
+    "RoutingPlan", "plan_routing", "activation_backward", "grouped_mm_supported", "resolve_strategy",
     "grouped_forward", "STRATEGIES",
 ]

@@ -17,12 +17,18 @@ class ExpertsSpec:
     expansion: int = 8  # E: the MoE holds E times the dense MLP's parameters
     granularity: int = 1  # G: each expert is 1/G of the dense MLP width
     top_k: int = 2  # T
-    shared_experts: int = 0  # always-on experts of width F/G each, taken from the dense MLP
+    shared_experts: int = 0  # S < G: one always-on expert of width S·F/G, the first S shards of the dense MLP
     drop_upcycling: float = 0.0  # fraction r of each copy's hidden units re-initialised
 
     @property
+    def routed_granularity(self) -> int:
+        """Shards per virtual group of routed experts: G − S (the shared expert holds the other S)."""
+        return self.granularity - self.shared_experts
+
+    @property
     def num_experts(self) -> int:
-        return self.expansion * self.granularity
+        """Routed experts: E copies of the G − S shards not held by the shared expert."""
+        return self.expansion * self.routed_granularity
 
 
 @dataclass(frozen=True)

@@ -194,9 +194,19 @@ class _Checker:
             shared_experts=self.integer(d, "shared_experts", p + "shared_experts", D.shared_experts, 0),
             drop_upcycling=self.number(d, "drop_upcycling", p + "drop_upcycling", D.drop_upcycling, low=0.0, low_open=False, high=1.0),
         )
+        if spec.shared_experts and spec.shared_experts >= spec.granularity:
+            raise self.error(
+                p + "shared_experts",
+                f"must be < granularity ({spec.granularity}): the shared expert takes {spec.shared_experts} of the "
+                f"{spec.granularity} shards of the dense MLP and the routed experts are built from the rest",
+            )
         if spec.top_k > spec.num_experts:
+            shared = f" - shared_experts {spec.shared_experts}" if spec.shared_experts else ""
             raise self.error(
                 p + "top_k",
+                f"must be <= the number of experts (expansion {spec.expansion} x (granularity "
+                f"{spec.granularity}{shared}) = {spec.num_experts}), got {spec.top_k}"
+                if shared else
                 f"must be <= the number of experts (expansion {spec.expansion} x granularity "
                 f"{spec.granularity} = {spec.num_experts}), got {spec.top_k}",
             )
@@ -285,15 +295,17 @@ class _Checker:
 
 def _virtual_group_warning(spec: UpcycleSpec, checker: _Checker) -> str | None:
     e = spec.experts
-    if spec.router.init != "virtual_group" or e.top_k % e.granularity == 0:
+    g = e.routed_granularity  # shards per virtual group (G − S with S shared experts)
+    if spec.router.init != "virtual_group" or e.top_k % g == 0:
         return None
     path = "router.init" if "router.init" in checker.lines else "experts.top_k"
     line = line_of(checker.lines, path)
     loc = f"{checker.file}:{line}" if line is not None else checker.file
     return (
         f"{loc}: router.init: 'virtual_group' with experts.top_k={e.top_k} not a multiple of "
-        f"experts.granularity={e.granularity}: virtual groups cannot be whole, so at init a token "
-        f"sees partial copies of the dense MLP (use top_k a multiple of {e.granularity} for an exact start)"
+        f"experts.granularity={e.granularity}{f' - shared_experts={e.shared_experts}' if e.shared_experts else ''}: "
+        f"virtual groups cannot be whole, so at init a token "
+        f"sees partial copies of the dense MLP (use top_k a multiple of {g} for an exact start)"
     )
 
 

@@ -375,7 +375,7 @@ def test_preset_round_trip(tmp_path, name):
         {"layers": [0, -2, 5], "weight_scaling": 2.5, "seed": 7},
         {"layers": {"every": 3, "offset": 1}, "scaling_placement": "down_proj"},
         {"layers": {"match": r"model\.layers\.(1|3)\."}, "verify": {"enabled": False, "tolerance": 1e-3}},
-        {"layers": {"last": 2}, "experts": {"shared_experts": 1, "drop_upcycling": 0.5}, "runtime": {"backend": "grouped"}},
+        {"layers": {"last": 2}, "experts": {"granularity": 4, "shared_experts": 1, "drop_upcycling": 0.5}, "runtime": {"backend": "grouped"}},
     ],
 )
 def test_custom_round_trip(tmp_path, data):
@@ -418,7 +418,10 @@ _valid_specs = st.fixed_dictionaries(
 @given(_valid_specs, st.data())
 def test_valid_specs_round_trip(data, draw):
     if "experts" in data:  # top_k in range for the drawn shape
-        n = data["experts"]["expansion"] * data["experts"]["granularity"]
+        ex = data["experts"]
+        if "shared_experts" in ex:  # the shared expert holds S < G of the G shards
+            ex["shared_experts"] = min(ex["shared_experts"], ex["granularity"] - 1)
+        n = ex["expansion"] * (ex["granularity"] - ex.get("shared_experts", 0))
         data["experts"]["top_k"] = draw.draw(st.integers(1, n))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SpecWarning)
