@@ -1,0 +1,233 @@
+"""Export an upcycled model as a transformers MoE checkpoint (`upcycle-compile … --format hf`).
+
+The output folder loads with `transformers.AutoModelForCausalLM.from_pretrained(OUT)`, no custom
+code. Source family → format:
+
+- Llama / Mistral (RMSNorm, rotary, SwiGLU, no biases):
+  - Mixtral (MixtralForCausalLM) for topk_then_softmax with G = 1, every layer MoE, no shared
+    expert: Mixtral's router is softmax → top-k → renormalise, the same as topk_then_softmax.
+  - Qwen2-MoE (Qwen2MoeForCausalLM, `qkv_bias: false`) otherwise: softmax_then_topk is
+    `norm_topk_prob: false`, topk_then_softmax is `norm_topk_prob: true`; fine-grained experts
+    via `moe_intermediate_size = F/G`; dense layers among MoE ones via `mlp_only_layers`.
+- Qwen2 (q/k/v biases): Qwen2-MoE with `qkv_bias: true`, both router modes.
+- anything else (GPT-2, BERT, T5, Phi-3, Gemma, …): no transformers MoE counterpart; ExportError.
+
+Layout in transformers 5.x: `mlp.gate.weight` [N, D] (router), `mlp.experts.gate_up_proj`
+[N, 2·H, D] (gate rows first, then up rows: the forward chunks it in two) and
+`mlp.experts.down_proj` [N, D, H], the same orientation as our GroupedExperts.
+
+Shared expert (Qwen2-MoE only): transformers scales it by sigmoid(shared_expert_gate · x). The
+gate weight is set to zero (sigmoid(0) = 1/2) and the shared expert's down projection doubled,
+so the exported layer equals ours exactly at init, and the gate trains from there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from upcycle.runtime.moe import MoELayer
+from upcycle.specs import dump_spec, load_spec
+
+from .errors import UpcycleError
+
+__all__ = ["ExportError", "export_hf", "hf_export_plan"]
+
+LLAMA_FAMILY = ("llama", "mistral")
+QWEN2_FAMILY = ("qwen2",)
+# our activation names -> transformers' ACT2FN names
+_ACT = {"silu": ("silu", "swish"), "gelu": ("gelu",), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_new"), "relu": ("relu",)}
+
+
+class ExportError(UpcycleError):
+    """The upcycled model has no transformers MoE format (one line saying why)."""
+
+
+def _layers(model: nn.Module):
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(model, "lm_head"):
+        raise ExportError(f"{type(model).__name__}: expected a causal LM with model.layers and lm_head")
+    return layers
+
+
+def hf_export_plan(model: nn.Module, spec=None, target: str | None = None) -> dict:
+    """Decide the transformers format for an upcycled model, or raise ExportError saying why not.
+
+    Returns {target, moe_layers, dense_layers, moe: MoEConfig}."""
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    name = type(model).__name__
+    if model_type not in LLAMA_FAMILY + QWEN2_FAMILY:
+        raise ExportError(
+            f"{name} ({model_type or 'no transformers config'}): no transformers MoE format for this architecture "
+            "(supported sources: Llama/Mistral -> Mixtral or Qwen2-MoE, Qwen2 -> Qwen2-MoE); use --format native")
+    if model_type in LLAMA_FAMILY and (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):
+        raise ExportError(f"{name}: attention_bias/mlp_bias are set; Mixtral and Qwen2-MoE have no o_proj or MLP biases")
+    layers = _layers(model)
+    moe_paths = {n for n, m in model.named_modules() if isinstance(m, MoELayer)}
+    moe_idx, dense_idx = [], []
+    for i, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        if isinstance(mlp, MoELayer):
+            moe_idx.append(i)
+            moe_paths.discard(f"model.layers.{i}.mlp")
+        elif mlp is not None and all(isinstance(getattr(mlp, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj")):
+            dense_idx.append(i)
+        else:
+            raise ExportError(f"{name}: model.layers.{i}.mlp is neither an MoE layer nor a gate/up/down MLP")
+    if moe_paths:
+        raise ExportError(f"{name}: MoE layers outside model.layers.N.mlp ({sorted(moe_paths)[0]}) have no place in the format")
+    if not moe_idx:
+        raise ExportError(f"{name}: no MoE layer to export")
+    moes = [layers[i].mlp.config for i in moe_idx]
+    c = moes[0]
+    shape = lambda m: (m.num_experts, m.d_expert, m.top_k, m.router_type, m.shared_d_ffn, m.activation)  # noqa: E731
+    if any(shape(m) != shape(c) for m in moes):
+        raise ExportError(f"{name}: MoE layers differ in shape; the transformers formats need one expert shape for all layers")
+    if not c.gated:
+        raise ExportError(f"{name}: experts are not gated (GLU); Mixtral and Qwen2-MoE experts are SwiGLU-style")
+    if c.first_bias or c.output_bias or c.router_bias:
+        raise ExportError(f"{name}: expert or router biases have no place in Mixtral / Qwen2-MoE experts")
+    if cfg.hidden_act not in _ACT.get(c.activation, ()):
+        raise ExportError(f"{name}: expert activation {c.activation} differs from hidden_act {cfg.hidden_act}")
+    fine = c.d_expert != cfg.intermediate_size
+    mixtral_ok = (model_type in LLAMA_FAMILY and c.router_type == "topk_then_softmax" and not fine
+                  and not dense_idx and not c.shared_d_ffn)
+    if target is None:
+        target = "mixtral" if mixtral_ok else "qwen2_moe"
+    if target == "mixtral" and not mixtral_ok:
+        raise ExportError(f"{name}: Mixtral holds topk_then_softmax, full-width experts (G = 1) in every layer and no "
+                          "shared expert from a Llama/Mistral model; use the qwen2_moe target")
+    if target not in ("mixtral", "qwen2_moe"):
+        raise ExportError(f"unknown export target {target!r}; choose mixtral or qwen2_moe")
+    return {"target": target, "moe_layers": moe_idx, "dense_layers": dense_idx, "moe": c}
+
+
+def _config(model: nn.Module, plan: dict, spec):
+    import transformers
+
+    src = model.config
+    c = plan["moe"]
+    head_dim = getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads
+    common = dict(
+        vocab_size=src.vocab_size, hidden_size=src.hidden_size, num_hidden_layers=src.num_hidden_layers,
+        num_attention_heads=src.num_attention_heads, num_key_value_heads=src.num_key_value_heads,
+        hidden_act=src.hidden_act, max_position_embeddings=src.max_position_embeddings,
+        initializer_range=src.initializer_range, rms_norm_eps=src.rms_norm_eps,
+        tie_word_embeddings=bool(getattr(src, "tie_word_embeddings", False)),
+        rope_parameters=getattr(src, "rope_parameters", None), attention_dropout=getattr(src, "attention_dropout", 0.0),
+        bos_token_id=src.bos_token_id, eos_token_id=src.eos_token_id, pad_token_id=src.pad_token_id,
+        num_experts_per_tok=c.top_k, router_aux_loss_coef=spec.router.aux_loss_coef if spec is not None else 0.01,
+    )
+    sliding = getattr(src, "sliding_window", None) if getattr(src, "use_sliding_window", True) else None
+    if plan["target"] == "mixtral":
+        cfg = transformers.MixtralConfig(**common, head_dim=head_dim, intermediate_size=c.d_expert,
+                                         num_local_experts=c.num_experts, sliding_window=sliding)
+    else:
+        layer_types = getattr(src, "layer_types", None)
+        if layer_types is None:
+            layer_types = ["sliding_attention" if sliding else "full_attention"] * src.num_hidden_layers
+        cfg = transformers.Qwen2MoeConfig(
+            **common, intermediate_size=src.intermediate_size, moe_intermediate_size=c.d_expert,
+            num_experts=c.num_experts, shared_expert_intermediate_size=c.shared_d_ffn,
+            norm_topk_prob=c.router_type == "topk_then_softmax", decoder_sparse_step=1,
+            mlp_only_layers=list(plan["dense_layers"]), qkv_bias=src.model_type in QWEN2_FAMILY,
+            use_sliding_window=sliding is not None, sliding_window=sliding,
+            max_window_layers=getattr(src, "max_window_layers", 0), layer_types=list(layer_types),
+        )
+        cfg.head_dim = head_dim  # Qwen2MoeAttention reads getattr(config, "head_dim", hidden / heads)
+    cfg.dtype = next(model.parameters()).dtype
+    return cfg
+
+
+def hf_state_dict(model: nn.Module, plan: dict) -> dict[str, torch.Tensor]:
+    """The transformers-format tensors: non-MLP weights keep their names; each MoE layer is mapped."""
+    state = {}
+    moe_prefixes = tuple(f"model.layers.{i}.mlp." for i in plan["moe_layers"])
+    for k, v in model.state_dict().items():
+        if not k.startswith(moe_prefixes):
+            state[k] = v
+    layers = _layers(model)
+    for i in plan["moe_layers"]:
+        moe: MoELayer = layers[i].mlp
+        p = f"model.layers.{i}.mlp."
+        ex = moe.experts
+        state[p + "gate.weight"] = moe.router.weight.detach()
+        state[p + "experts.gate_up_proj"] = torch.cat([ex.gate_proj.detach(), ex.up_proj.detach()], dim=1)  # [N, 2H, D]
+        state[p + "experts.down_proj"] = ex.down_proj.detach()
+        if plan["target"] == "qwen2_moe":
+            d = moe.config.d_model
+            sh = moe.shared_expert
+            if sh is not None:
+                state[p + "shared_expert.gate_proj.weight"] = sh.gate_proj.weight.detach()
+                state[p + "shared_expert.up_proj.weight"] = sh.up_proj.weight.detach()
+                # sigmoid(0) = 1/2 gates it in transformers: double W2 so the product is shared_scale · W2
+                state[p + "shared_expert.down_proj.weight"] = sh.down_proj.weight.detach() * (2.0 * moe.config.shared_scale)
+            else:  # shared_expert_intermediate_size 0: empty matrices, a gate that multiplies zero
+                w = moe.router.weight
+                state[p + "shared_expert.gate_proj.weight"] = w.new_zeros(0, d)
+                state[p + "shared_expert.up_proj.weight"] = w.new_zeros(0, d)
+                state[p + "shared_expert.down_proj.weight"] = w.new_zeros(d, 0)
+            state[p + "shared_expert_gate.weight"] = moe.router.weight.new_zeros(1, d)
+    return state
+
+
+def build_hf_model(model: nn.Module, spec=None, target: str | None = None) -> nn.Module:
+    """The transformers MoE model holding the upcycled weights (shared where no copy is needed)."""
+    import transformers
+
+    plan = hf_export_plan(model, spec, target)
+    cfg = _config(model, plan, spec)
+    cls = transformers.MixtralForCausalLM if plan["target"] == "mixtral" else transformers.Qwen2MoeForCausalLM
+    hf = cls(cfg).to(cfg.dtype)
+    state = hf_state_dict(model, plan)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ExportError(f"{plan['target']} export: tensors do not match (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    if cfg.tie_word_embeddings:
+        hf.tie_weights()
+    if hasattr(model, "generation_config") and model.generation_config is not None:
+        hf.generation_config = model.generation_config
+    return hf.eval()
+
+
+def export_hf(model: nn.Module, out_dir, *, spec=None, report=None, force: bool = False, target: str | None = None) -> Path:
+    """Write `model` (upcycled) as a Mixtral / Qwen2-MoE checkpoint folder, atomically.
+
+    The resolved spec and report are written beside it (upcycle_spec.yaml, report.json/txt);
+    transformers ignores them."""
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise UpcycleError(f"{out}: output already exists; choose another path or pass --force (force=True) to replace it")
+    spec = load_spec(spec) if spec is not None else None
+    hf = build_hf_model(model, spec, target)  # raises ExportError before anything is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        hf.save_pretrained(str(tmp))
+        if spec is not None:
+            (tmp / "upcycle_spec.yaml").write_text(dump_spec(spec))
+        if report is not None:
+            (tmp / "report.json").write_text(report.to_json())
+            (tmp / "report.txt").write_text(report.to_text() + "\n")
+        (tmp / "upcycle_export.json").write_text(json.dumps(
+            {"format": hf.config.model_type, "model_class": type(hf).__name__, "source_class": type(model).__name__}, indent=2))
+        for p in tmp.iterdir():
+            if p.is_file():
+                p.chmod(0o644)
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
