@@ -62,6 +62,13 @@ def run(argv: list[str] | None = None) -> int:
     from .saving import save
 
     args = build_parser().parse_args(argv)
+    if args.no_progress:  # transformers' own loading bars too
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     if not args.dry_run and not args.output:
         return _fail("give an output folder with -o OUT (or use --dry-run to only see the plan)", EXIT_USER_ERROR)
     if args.output and Path(args.output).exists() and not args.force and not args.dry_run:
