@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "only); the default for safetensors inputs over 1 GiB")
     stream.add_argument("--no-stream", action="store_true", help="load the whole model in memory even when it is large")
     p.add_argument("--max-shard-size", default="2GB", help="largest output shard in streaming mode (e.g. 2GB, 500MB)")
+    p.add_argument("--format", choices=("native", "hf"), default="native",
+                   help="output format: native (upcycle folder, any architecture) or hf (a Mixtral / Qwen2-MoE "
+                        "checkpoint that transformers loads without custom code; Llama, Mistral, Qwen2 sources)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -92,6 +95,8 @@ def run(argv: list[str] | None = None) -> int:
 
         streaming = args.stream or (not args.no_stream and safetensors_input(args.model)
                                     and input_bytes(args.model) > STREAM_THRESHOLD_BYTES)
+        if streaming and args.format == "hf":
+            return _fail("--format hf converts the model in memory; pass --no-stream", EXIT_USER_ERROR)
         if streaming:
             if not Path(args.model).exists() or not safetensors_input(args.model):
                 return _fail(f"{args.model}: --stream needs a safetensors checkpoint (a transformers directory or a "
@@ -126,9 +131,21 @@ def run(argv: list[str] | None = None) -> int:
             if issubclass(w.category, (UserWarning,)) and "upcycle" in str(w.filename):
                 print(f"upcycle-compile: warning: {w.message}", file=sys.stderr)
         print(result.report.to_text())
+        hf_error = None
+        if args.format == "hf":
+            from .export_hf import ExportError, export_hf
+
+            try:
+                out = export_hf(result.model, args.output, spec=spec, report=result.report, force=args.force)
+                print(f"wrote {out} (transformers format)")
+                return 0
+            except ExportError as exc:  # no transformers MoE counterpart: keep the work, in the native format
+                hf_error = str(exc)
         out = save(result.model, args.output, spec=spec, report=result.report, source=loaded, force=args.force,
                    records=result.records)
         print(f"wrote {out}")
+        if hf_error:
+            return _fail(f"--format hf: {hf_error}; wrote the native format to {out} instead", EXIT_USER_ERROR)
         return 0
     except UpcycleError as exc:
         if args.debug:
