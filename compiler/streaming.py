@@ -5,8 +5,9 @@
 2. Discovery and the rewrite run on the meta model, exactly as in memory (`structure_only`): this
    says which checkpoint tensors are MLP weights, which MoE tensors each becomes, and every output
    tensor's name, dtype and shape, so output shard headers can be written before any data.
-3. Output tensors are produced in state-dict order: other tensors are read one at a time from the
-   memory-mapped input and copied; for each MLP its dense tensors are read, mapped to MoE weights
+3. Output tensors are produced in state-dict order: other tensors are read one at a time (positioned
+   reads at the offsets of the checked headers, not one long-lived memory map whose touched pages
+   would count as resident memory) and copied; for each MLP its dense tensors are read, mapped to MoE weights
    by the same code and seeds as the in-memory path (`MoEBuilder.moe_for`, hence the same router
    init), verified on a synthetic probe (the per-layer check; no whole-model forward in this mode)
    and written. Peak memory is about one MoE layer plus one dense MLP.
