@@ -13,7 +13,6 @@ working, and state_dict names only change where dense weights became the MoE's.
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,7 +22,7 @@ import torch.nn as nn
 
 from .find_mlps import MLPMatch, find_mlps
 from .manager import Pass, PassContext, PassLog, PassPipeline
-from .trace import RootSignature, bind_call, trace_unit
+from .trace import RootSignature, UpcycledForward, trace_unit
 
 MakeMoE = Callable[[MLPMatch, nn.Module], nn.Module]
 
@@ -99,16 +98,6 @@ def rewrite_graph(gm: fx.GraphModule, matches: list[MLPMatch], moes: list[nn.Mod
     return new, names
 
 
-def _make_forward(graph_fn, rs: RootSignature, where: str):
-    def forward(self, *args, **kwargs):
-        return graph_fn(self, *bind_call(rs, where, self, args, kwargs))
-
-    forward.__signature__ = rs.signature
-    forward._upcycle_signature = rs  # lets a later trace of this module replay the same graph inputs
-    forward.__qualname__ = f"upcycled.{where or 'root'}.forward"
-    return forward
-
-
 def _delete(unit: nn.Module, path: str) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = unit.get_submodule(parent_path) if parent_path else unit
@@ -155,8 +144,8 @@ def install_rewrite(unit: nn.Module, gm: fx.GraphModule, matches: list[MLPMatch]
         used = any(t == path or t.startswith(path + ".") for t in referenced)
         if not used and next(iter(mod.parameters()), None) is None and next(iter(mod.buffers()), None) is None:
             _delete(unit, path)
-    graph_fn = type(new_gm).forward
-    unit.forward = types.MethodType(_make_forward(graph_fn, signature, where), unit)
+    code = new_gm.graph.python_code(root_module="self")
+    unit.forward = UpcycledForward(unit, code.src, code.globals, signature, where)
     return names
 
 

@@ -82,12 +82,81 @@ def _one_line(exc: BaseException) -> str:
 # the root forward and its arguments
 
 
+class UpcycledForward:
+    """A unit's rewritten graph, installed as that instance's `forward` (see rewrite.install_rewrite).
+
+    Calls bind the caller's arguments to the traced signature (checking specialised ones) and run
+    the graph's generated code with `self` = the unit, so submodules are looked up on the unit at
+    run time. Pickling keeps the generated source and re-compiles it (a bound method would pickle
+    as `getattr(unit, 'forward')` and silently fall back to the dense class forward); deepcopy
+    binds the copy to the copied unit."""
+
+    def __init__(self, module: nn.Module, src: str, globals_: dict, signature: RootSignature, where: str):
+        self.__self__ = module
+        self.signature = signature
+        self.where = where
+        self._src = src
+        self._globals = globals_
+        self._fn = _compile_forward(src, globals_)
+
+    def __call__(self, *args, **kwargs):
+        module = self.__self__
+        return self._fn(module, *bind_call(self.signature, self.where, module, args, kwargs))
+
+    @property
+    def code(self) -> str:
+        return self._src
+
+    def traceable(self) -> types.FunctionType:
+        """`forward(self, *args, **kwargs)` for tracing this unit again, with the same graph inputs."""
+        fn, rs, where = self._fn, self.signature, self.where
+
+        def forward(self, *args, **kwargs):
+            return fn(self, *bind_call(rs, where, self, args, kwargs))
+
+        forward.__signature__ = rs.signature
+        forward._upcycle_signature = rs
+        return forward
+
+    def __reduce__(self):
+        portable = {k: (("module", v.__name__) if isinstance(v, types.ModuleType) else ("object", v))
+                    for k, v in self._globals.items() if k != "__builtins__"}
+        sig = self.signature.signature
+        plain = sig.replace(parameters=[p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()],
+                            return_annotation=inspect.Signature.empty)
+        return (_rebuild_forward, (self.__self__, self._src, portable, RootSignature(plain, self.signature.concrete),
+                                   self.where))
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        return UpcycledForward(copy.deepcopy(self.__self__, memo), self._src, self._globals, self.signature, self.where)
+
+    def __repr__(self) -> str:
+        return f"<upcycled forward of {type(self.__self__).__name__} {self.where or '<root>'}>"
+
+
+def _compile_forward(src: str, globals_: dict) -> types.FunctionType:
+    namespace = dict(globals_)
+    exec(compile(src, "<upcycled forward>", "exec"), namespace)  # FX-generated code of the rewritten graph
+    return namespace["forward"]
+
+
+def _rebuild_forward(module, src, portable, signature, where):
+    import importlib
+
+    globals_ = {k: importlib.import_module(v) if kind == "module" else v for k, (kind, v) in portable.items()}
+    return UpcycledForward(module, src, globals_, signature, where)
+
+
 def root_forward(module: nn.Module) -> types.FunctionType:
     """The function that runs when `module` is called, without decorators.
 
     An instance-level `forward` (set by our rewrite, or by a user) wins over the class's, since
     that is what `module(...)` executes."""
     inst = module.__dict__.get("forward")
+    if isinstance(inst, UpcycledForward):
+        return inst.traceable()
     if inst is not None:
         func = getattr(inst, "__func__", None)
         if not isinstance(func, types.FunctionType) or getattr(inst, "__self__", None) is not module:

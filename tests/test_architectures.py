@@ -9,6 +9,7 @@ equal the dense model's (max abs <= 1e-5).
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -136,6 +137,12 @@ def test_opt_inline_mlp_keeps_layer_class_and_readable_names():
         b = moe(**inputs, output_hidden_states=True)
     assert len(a.hidden_states) == len(b.hidden_states)
     assert max((x - y).abs().max().item() for x, y in zip(a.hidden_states, b.hidden_states)) <= 1e-5
+    # pickling keeps the rewritten forward (a bound method would fall back to the dense class forward)
+    buf = io.BytesIO()
+    torch.save(moe, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert (_out(again, inputs) - _out(moe, inputs)).abs().max().item() == 0
     # cached generation goes through the same rewritten forward
     ids = inputs["input_ids"][:1]
     with torch.no_grad():
