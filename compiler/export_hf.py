@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -186,7 +187,9 @@ def build_hf_model(model: nn.Module, spec=None, target: str | None = None) -> nn
     plan = hf_export_plan(model, spec, target)
     cfg = _config(model, plan, spec)
     cls = transformers.MixtralForCausalLM if plan["target"] == "mixtral" else transformers.Qwen2MoeForCausalLM
-    hf = cls(cfg).to(cfg.dtype)
+    with warnings.catch_warnings():  # shared_expert_intermediate_size 0 builds empty Linear layers
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        hf = cls(cfg).to(cfg.dtype)
     state = hf_state_dict(model, plan)
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
