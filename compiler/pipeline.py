@@ -45,6 +45,7 @@ class UpcycleResult:
     plan: Plan
     report: Report
     records: list[RewriteRecord] = field(default_factory=list)
+    pass_log: list = field(default_factory=list)  # passes.manager.PassLog: analysis passes, then the rewrite
 
 
 def _dense_param_count(match: MLPMatch, unit: nn.Module) -> int:
@@ -280,7 +281,8 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool
     bar = _progress_bar(len(targets), progress)
     builder = MoEBuilder(spec, discovery, capture, bar, structure_only=structure_only)
     try:
-        model, records = rewrite_mlps(model, targets, builder)
+        pass_log = list(discovery.log)
+        model, records = rewrite_mlps(model, targets, builder, logs=pass_log)
     finally:
         bar.close()
     if capture is not None:
@@ -298,7 +300,7 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool
     _set_training(model, was_training)
     report = Report.build(spec, plan, builder.checks, records, model_error, loss_before, loss_after,
                           seconds=time.perf_counter() - t0, probe="model forward" if capture else "synthetic")
-    return UpcycleResult(model, plan, report, records)
+    return UpcycleResult(model, plan, report, records, pass_log)
 
 
 def _set_training(model: nn.Module, mode: bool) -> None:

@@ -484,3 +484,17 @@ def test_discover_explain_lists_every_pass():
     assert "plain MLP, activation relu" in text
     assert [log.name for log in disc.log] == ["trace-units", "activation-regions", "match-mlps",
                                                "choose-rewrite-unit", "check-coverage"]
+
+
+def test_compile_result_carries_the_pass_log():
+    from upcycle.compiler.pipeline import upcycle_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(PreNormBlock()).eval()
+    spec = {"experts": {"expansion": 2, "granularity": 1, "top_k": 1}, "router": {"type": "topk_then_softmax"},
+            "verify": {"probe_tokens": 8}, "runtime": {"backend": "reference"}}
+    result = upcycle_model(model, spec, example_inputs=(torch.randn(3, D),))
+    names = [log.name for log in result.pass_log]
+    assert names[-1] == "rewrite-mlps" and names[0] == "trace-units"
+    text = explain(result.pass_log)
+    assert "[transform] rewrite-mlps" in text and "0: rewrite_graph" in text
