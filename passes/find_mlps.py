@@ -9,6 +9,11 @@ one `act` node; MLPs are then the monomorphic images of two small pattern graphs
 
 Attribute names never enter into it: `w1/w2/w3`, `nn.Sequential`, Conv1D and F.linear all look
 the same once traced.
+
+Dropout between an MLP's linears (T5's `wi → act → dropout → wo`, GPT-2-style `act → dropout`)
+is an identity in eval mode, so it is folded into the match and is not carried into the experts:
+after upcycling, that dropout no longer applies in training. Dropout outside the MLP (after the
+down projection, in attention, on the residual) is untouched.
 """
 
 from __future__ import annotations

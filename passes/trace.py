@@ -21,7 +21,8 @@ The tracer here handles all three without knowing any architecture:
     decoder layer (OPT) or spread over sibling modules (BERT) stays visible, and the leaves are
     analysed on their own afterwards (`traced_units`).
 Functional dropout traced with `training=self.training` would be frozen to the trace-time mode;
-its flag is re-read from the module at run time instead.
+its flag is re-read from the module at run time instead (a literal `training=False` cannot be told
+apart from `self.training` traced in eval mode, and is treated the same way).
 """
 
 from __future__ import annotations
