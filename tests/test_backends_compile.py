@@ -88,3 +88,17 @@ def test_compiled_eval_no_grad(fresh_dynamo):
             ids = torch.randint(0, 64, (1, tokens))
             torch._dynamo.mark_dynamic(ids, 1)
             assert _close(compiled(ids), model(ids))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a GPU")
+def test_compiled_triton_backend_matches_eager(fresh_dynamo):
+    """triton_op kernels: torch.compile traces through the launches (fullgraph, dynamic tokens)."""
+    model = _model(backend="triton").cuda()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for tokens in (16, 23, 37):
+            ids = torch.randint(0, 64, (2, tokens), device="cuda")
+            torch._dynamo.mark_dynamic(ids, 1)
+            got, want = _step(compiled, ids), _step(model, ids)
+            for i, (a, b) in enumerate(zip(got, want)):
+                assert _close(a, b, 1e-4), f"output {i} differs at {tokens} tokens"

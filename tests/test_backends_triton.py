@@ -1,7 +1,7 @@
 """The Triton backend and each of its kernels against plain PyTorch.
 
 On a GPU the kernels run compiled; on CPU they run in the Triton interpreter (TRITON_INTERPRET=1,
-set here before the kernel modules are first imported), at small sizes, in fp32 and fp16 only
+set by the module fixture before the kernel modules are first imported), at small sizes, in fp32 and fp16 only
 (bf16 arithmetic is wrong in the interpreter). Tiles are 16-32 wide, so D = 24, H = 40 exercise
 the masks. The whole file takes well under a minute on 2 CPU cores.
 """
@@ -14,8 +14,6 @@ import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _moe_cases import TOL, Case, assert_matches, build, names, reference, run  # noqa: E402
@@ -29,13 +27,22 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
-    from upcycle.runtime.kernels import gate_up
+    """The kernel modules, imported with TRITON_INTERPRET=1 on CPU (triton.jit reads it when a
+    kernel is defined); the variable is restored afterwards so other tests do not see it."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    if not ON_GPU:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        from upcycle.runtime.kernels import backend, gate_up
 
-    if not ON_GPU and type(gate_up.gate_up_kernel).__name__ != "InterpretedFunction":
-        pytest.skip("kernel modules were imported before TRITON_INTERPRET=1 was set; run this file alone")
-    from upcycle.runtime.kernels import backend
-
-    return backend
+        if not ON_GPU and type(gate_up.gate_up_kernel).__name__ != "InterpretedFunction":
+            pytest.skip("kernel modules were imported before TRITON_INTERPRET=1 was set; run this file alone")
+        yield backend
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 CASES = {
