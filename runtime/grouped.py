@@ -83,37 +83,50 @@ def activation_backward(name: str, grad: Tensor, x: Tensor) -> Tensor:
 
 # --- strategy: one fused pass per expert segment ---------------------------------------------
 
-def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
-    """x [n, in] @ w[out, in]ᵀ (+ b), optionally written into a contiguous `out`."""
-    if b is None:
-        return torch.mm(x, w.t(), out=out) if out is not None else torch.mm(x, w.t())
-    return torch.addmm(b, x, w.t(), out=out) if out is not None else torch.addmm(b, x, w.t())
+def _per_expert(t: Optional[Tensor], transpose: bool = False) -> list:
+    """[N, ...] -> N views (one op, instead of a select and a transpose per expert and call)."""
+    if t is None:
+        return [None] * 0
+    return list((t.transpose(1, 2) if transpose else t).unbind(0))
 
 
-def _segments(offsets: Tensor) -> list[tuple[int, int, int]]:
-    """(expert, start, end) for every non-empty segment (one host read of the offsets)."""
+def _mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+    """a @ b (+ bias), written into the contiguous `out` when given."""
+    if bias is None:
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+    return torch.addmm(bias, a, b) if out is None else torch.addmm(bias, a, b, out=out)
+
+
+def _segments(offsets: Tensor) -> tuple[list[int], list[int]]:
+    """Segment sizes and the non-empty experts (one host read of the offsets)."""
     ends = offsets.tolist()
-    starts = [0] + ends[:-1]
-    return [(e, s, t) for e, (s, t) in enumerate(zip(starts, ends)) if t > s]
+    sizes = [t - s for s, t in zip([0] + ends[:-1], ends)]
+    return sizes, [e for e, n in enumerate(sizes) if n]
 
 
 def _loop_forward(x, w_slot, token, offsets, gw, uw, dw, gb, ub, db, activation, save):
     act = get_activation(activation)
     s_total, h_dim = token.shape[0], uw.shape[1]
+    gated = gw is not None
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
-    g_all = x.new_empty(s_total, h_dim) if save and gw is not None else x.new_empty(0, h_dim)  # [S, H]
-    u_all = x.new_empty(s_total, h_dim) if save else x.new_empty(0, h_dim)  # [S, H]
-    for e, s, t in _segments(offsets):
-        te = token[s:t]
+    g_all = x.new_empty(s_total if save and gated else 0, h_dim)  # [S, H]
+    u_all = x.new_empty(s_total if save else 0, h_dim)  # [S, H]
+    sizes, experts = _segments(offsets)
+    tok, ws = token.split(sizes), w_slot.split(sizes)  # per-expert views
+    g_out = g_all.split(sizes) if save and gated else [None] * len(sizes)
+    u_out = u_all.split(sizes) if save else [None] * len(sizes)
+    gwT, uwT, dwT = _per_expert(gw, True), _per_expert(uw, True), _per_expert(dw, True)  # [D, H], [H, D]
+    gbs, ubs, dbs = (list(b.unbind(0)) if b is not None else [None] * len(sizes) for b in (gb, ub, db))
+    for e in experts:
+        te = tok[e]
         xe = x.index_select(0, te)  # [n, D]
-        u = _linear(xe, uw[e], None if ub is None else ub[e], u_all[s:t] if save else None)  # [n, H]
-        if gw is not None:
-            g = _linear(xe, gw[e], None if gb is None else gb[e], g_all[s:t] if save else None)
-            h = act(g) * u  # [n, H]
+        u = _mm(xe, uwT[e], ubs[e], u_out[e])  # [n, H]
+        if gated:
+            h = act(_mm(xe, gwT[e], gbs[e], g_out[e])) * u  # [n, H]
         else:
             h = act(u)
-        y = _linear(h, dw[e], None if db is None else db[e])  # [n, D]
-        y = y.mul_(w_slot[s:t, None]) if y.dtype == torch.float32 else y.float() * w_slot[s:t, None]
+        y = _mm(h, dwT[e], dbs[e])  # [n, D]
+        y = y.mul_(ws[e][:, None]) if y.dtype == torch.float32 else y.float() * ws[e][:, None]
         out.index_add_(0, te, y)
     return out, g_all, u_all
 
@@ -121,6 +134,7 @@ def _loop_forward(x, w_slot, token, offsets, gw, uw, dw, gb, ub, db, activation,
 def _loop_backward(dout, x, w_slot, token, offsets, g_all, u_all, gw, uw, dw, gb, ub, db, activation):
     act = get_activation(activation)
     dtype = x.dtype
+    gated = gw is not None
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
     dw_slot = torch.empty(token.shape[0], dtype=torch.float32, device=x.device)  # [S]
     # every expert's slice is written below; only empty experts are zero-filled (a zeros_like
@@ -130,43 +144,47 @@ def _loop_backward(dout, x, w_slot, token, offsets, g_all, u_all, gw, uw, dw, gb
     d_gb = None if gb is None else torch.empty_like(gb)
     d_ub = None if ub is None else torch.empty_like(ub)
     d_db = None if db is None else torch.empty_like(db)
-    segments = _segments(offsets)
-    empty = sorted(set(range(offsets.shape[0])) - {e for e, _, _ in segments})
+    sizes, experts = _segments(offsets)
+    empty = [e for e, n in enumerate(sizes) if n == 0]
     for t in (d_gw, d_uw, d_dw, d_gb, d_ub, d_db):
         if t is not None and empty:
             t[empty] = 0
-    for e, s, t in segments:
-        te = token[s:t]
-        we = w_slot[s:t, None]  # [n, 1] fp32
+    tok, ws, dws = token.split(sizes), w_slot.split(sizes), dw_slot.split(sizes)
+    gs = g_all.split(sizes) if gated else None
+    us = u_all.split(sizes)
+    gwl, uwl, dwl = _per_expert(gw), _per_expert(uw), _per_expert(dw)  # [H, D], [H, D], [D, H]
+    d_gwl, d_uwl, d_dwl = _per_expert(d_gw), _per_expert(d_uw), _per_expert(d_dw)
+    for e in experts:
+        te = tok[e]
+        we = ws[e][:, None]  # [n, 1] fp32
         dye = dout.index_select(0, te)  # [n, D]
-        u = u_all[s:t]
-        if gw is not None:
-            g = g_all[s:t]
+        u = us[e]
+        if gated:
+            g = gs[e]
             a = act(g)
             h = a * u  # [n, H]
         else:
             h = act(u)
-        dhu = torch.mm(dye, dw[e])  # [n, H]: dout @ Wd_e, before the combine weight
-        dw_e = torch.linalg.vecdot(dhu.float(), h.float())  # <dout, h @ Wd_eᵀ>
+        dhu = torch.mm(dye, dwl[e])  # [n, H]: dout @ Wd_e, before the combine weight
+        torch.linalg.vecdot(dhu.float(), h.float(), out=dws[e])  # <dout, h @ Wd_eᵀ>
         if db is not None:
-            dw_e += dye.float() @ db[e].float()
+            dws[e].add_(dye.float() @ db[e].float())
             d_db[e] = (we * dye.float()).sum(0).to(db.dtype)
-        dw_slot[s:t] = dw_e
-        torch.mm(dye.t(), (h * we).to(dtype), out=d_dw[e])  # [D, H]
+        torch.mm(dye.t(), (h * we).to(dtype), out=d_dwl[e])  # [D, H]
         dh = (dhu * we).to(dtype)  # [n, H]
-        if gw is not None:
+        if gated:
             dg = activation_backward(activation, dh * u, g)
             du = dh * a
         else:
             du = activation_backward(activation, dh, u)
         xe = x.index_select(0, te)  # [n, D]
-        dxe = torch.mm(du, uw[e])  # [n, D]
-        torch.mm(du.t(), xe, out=d_uw[e])
+        dxe = torch.mm(du, uwl[e])  # [n, D]
+        torch.mm(du.t(), xe, out=d_uwl[e])
         if ub is not None:
             d_ub[e] = du.sum(0)
-        if gw is not None:
-            dxe.addmm_(dg, gw[e])
-            torch.mm(dg.t(), xe, out=d_gw[e])
+        if gated:
+            dxe.addmm_(dg, gwl[e])
+            torch.mm(dg.t(), xe, out=d_gwl[e])
             if gb is not None:
                 d_gb[e] = dg.sum(0)
         dx.index_add_(0, te, dxe if dxe.dtype == torch.float32 else dxe.float())
