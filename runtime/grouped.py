@@ -170,11 +170,13 @@ def _loop_backward(dout, x, w_slot, token, offsets, g_all, u_all, gw, uw, dw, gb
         if db is not None:
             dws[e].add_(dye.float() @ db[e].float())
             d_db[e] = (we * dye.float()).sum(0).to(db.dtype)
-        torch.mm(dye.t(), (h * we).to(dtype), out=d_dwl[e])  # [D, H]
-        dh = (dhu * we).to(dtype)  # [n, H]
+        # below, in-place where the dtype allows: h, dhu and dh are not needed afterwards
+        fp32 = dtype == torch.float32
+        torch.mm(dye.t(), h.mul_(we) if fp32 else (h * we).to(dtype), out=d_dwl[e])  # [D, H]
+        dh = dhu.mul_(we) if fp32 else (dhu * we).to(dtype)  # [n, H]
         if gated:
             dg = activation_backward(activation, dh * u, g)
-            du = dh * a
+            du = dh.mul_(a)
         else:
             du = activation_backward(activation, dh, u)
         xe = x.index_select(0, te)  # [n, D]
