@@ -10,10 +10,9 @@ import triton.language as tl
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "relu": 4, "relu2": 5}
 
-_SQRT_1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_PI = 0.7978845608028654
-_TANH_C = 0.044715
+# constants are written as literals: a plain float global is rejected by the compiler (not by
+# the interpreter), and a tl.constexpr global breaks the interpreter. 0.70710678 = 1/sqrt(2),
+# 0.39894228 = 1/sqrt(2 pi), 0.79788456 = sqrt(2/pi), 0.044715 = the tanh-GELU cubic coefficient.
 
 
 @triton.jit
@@ -27,9 +26,9 @@ def act_fwd(x, ACT: tl.constexpr):
     if ACT == 0:
         y = x * tl.sigmoid(x)
     elif ACT == 1:
-        y = 0.5 * x * (1.0 + tl.erf(x * _SQRT_1_2))
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACT == 2:
-        y = 0.5 * x * (1.0 + _tanh(_SQRT_2_PI * (x + _TANH_C * x * x * x)))
+        y = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
     elif ACT == 3:
         y = x * tl.sigmoid(1.702 * x)
     elif ACT == 4:
@@ -47,11 +46,11 @@ def act_grad(x, ACT: tl.constexpr):
         s = tl.sigmoid(x)
         d = s * (1.0 + x * (1.0 - s))
     elif ACT == 1:
-        d = 0.5 * (1.0 + tl.erf(x * _SQRT_1_2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+        d = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
     elif ACT == 2:
-        inner = _SQRT_2_PI * (x + _TANH_C * x * x * x)
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         t = _tanh(inner)
-        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_PI * (1.0 + 3.0 * _TANH_C * x * x)
+        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
     elif ACT == 3:
         s = tl.sigmoid(1.702 * x)
         d = s + 1.702 * x * s * (1.0 - s)
