@@ -1,5 +1,14 @@
 """Execution paths for routed experts, by name. Each takes (experts, x [tokens, D],
-indices [tokens, K], weights [tokens, K]) and returns [tokens, D]; all must equal `reference`."""
+indices [tokens, K], weights [tokens, K]) and returns [tokens, D]; all must equal `reference`.
+
+    reference  loop over experts with torch.where (experts.py): the ground truth
+    grouped    slots sorted by expert, one custom op per direction (grouped.py); strategies
+               `loop` (CPU default), `grouped_mm` (torch._grouped_mm), `padded` (bmm)
+    triton     Triton kernels, forward and backward (kernels/); registered when triton imports
+
+`auto` picks triton on CUDA, else grouped, else reference. Registration happens in
+runtime/__init__.py.
+"""
 
 from __future__ import annotations
 
