@@ -125,11 +125,13 @@ def _loop_forward(x, w_slot, token, offsets, gw, uw, dw, gb, ub, db, activation,
         xe = x.index_select(0, te)  # [n, D]
         u = _mm(xe, uwT[e], ubs[e], u_out[e])  # [n, H]
         if gated:
-            h = act(_mm(xe, gwT[e], gbs[e], g_out[e])) * u  # [n, H]
+            h = act(_mm(xe, gwT[e], gbs[e], g_out[e])).mul_(u)  # [n, H]
         else:
             h = act(u)
-        y = _mm(h, dwT[e], dbs[e])  # [n, D]
-        y = y.mul_(ws[e][:, None]) if y.dtype == torch.float32 else y.float() * ws[e][:, None]
+        if db is None and h.dtype == torch.float32:  # scale the narrower h rather than y
+            y = torch.mm(h.mul_(ws[e][:, None]), dwT[e])  # [n, D]
+        else:
+            y = _mm(h, dwT[e], dbs[e]).float().mul_(ws[e][:, None])
         out.index_add_(0, te, y)
     return out, g_all, u_all
 
