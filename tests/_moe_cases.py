@@ -8,8 +8,9 @@ import torch
 
 from upcycle.runtime import GroupedExperts, MoEConfig, reference_forward
 
-# max |a - b| / max |b| bounds per dtype (the backends and the reference both run in that dtype)
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+# max |a - b| / max |b| bounds per dtype (the backends and the reference both run in that dtype);
+# the worst seen over all cases was 2.3e-3 in fp16 and 1.5e-2 in bf16, so these leave 2x margin
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 @dataclass(frozen=True)
