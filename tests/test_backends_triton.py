@@ -74,6 +74,9 @@ def test_triton_backend_registered_and_zero_tokens(kernels):
 
     fn = resolve_backend("triton", torch.device(DEVICE))
     experts, x, indices, weights = build(Case(), device=DEVICE)
+    with torch.no_grad():  # inference: no pre-activations written, same output
+        torch.testing.assert_close(fn(experts, x, indices, weights), reference(experts, x, indices, weights),
+                                   rtol=1e-5, atol=1e-5)
     x0 = x[:0].clone().requires_grad_()
     out = fn(experts, x0, indices[:0], weights[:0])
     assert out.shape == (0, x.shape[1])

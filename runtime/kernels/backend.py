@@ -33,15 +33,16 @@ def _segment_ids(offsets: Tensor, s: int) -> Tensor:
 
 class _TritonExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, order, token, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, activation):
+    def forward(ctx, x, weights, order, token, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, activation, save):
         bm, bn, bk = block_sizes(x.device)
         top_k = weights.shape[1]
         w_slot = weights.reshape(-1).float()[order]  # [S] router weight per sorted slot
-        h, g, u = triton_gate_up(x, token, offsets, gate_w, up_w, gate_b, up_b, activation, True, bm, bn, bk)
+        h, g, u = triton_gate_up(x, token, offsets, gate_w, up_w, gate_b, up_b, activation, save, bm, bn, bk)
         out = triton_scatter_gemm(
             h, down_w.transpose(1, 2), None, None, down_b, w_slot, order, offsets, top_k, bm, bn, bk
         )  # [T, D] fp32
-        ctx.save_for_backward(x, order, token, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, h, g, u, w_slot)
+        if save:
+            ctx.save_for_backward(x, order, token, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, h, g, u, w_slot)
         ctx.activation, ctx.top_k, ctx.weights_shape, ctx.weights_dtype = activation, top_k, weights.shape, weights.dtype
         return out.to(x.dtype)
 
@@ -74,14 +75,15 @@ class _TritonExperts(torch.autograd.Function):
             d_up_b = torch.zeros_like(up_b).index_add_(0, expert, du)
         if gate_b is not None:
             d_gate_b = torch.zeros_like(gate_b).index_add_(0, expert, dg)
-        return dx, dweights, None, None, None, d_gate, d_up, d_down, d_gate_b, d_up_b, d_down_b, None
+        return dx, dweights, None, None, None, d_gate, d_up, d_down, d_gate_b, d_up_b, d_down_b, None, None
 
 
 def triton_forward(experts: GroupedExperts, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
     """x [T, D], indices [T, K], weights [T, K] -> [T, D]; equals `reference_forward`."""
     plan = plan_routing(indices, experts.num_experts)
+    params = (experts.gate_proj, experts.up_proj, experts.down_proj, experts.gate_bias, experts.up_bias, experts.down_bias)
+    # the gate/up pre-activations are written and kept only when a backward can follow
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weights) + params)
     return _TritonExperts.apply(
-        x.contiguous(), weights, plan.order, plan.token, plan.offsets,
-        experts.gate_proj, experts.up_proj, experts.down_proj,
-        experts.gate_bias, experts.up_bias, experts.down_bias, experts.activation,
+        x.contiguous(), weights, plan.order, plan.token, plan.offsets, *params, experts.activation, save
     )
