@@ -24,9 +24,6 @@ so the exported layer equals ours exactly at init, and the gate trains from ther
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -37,6 +34,7 @@ from upcycle.runtime.moe import MoELayer
 from upcycle.specs import dump_spec, load_spec
 
 from .errors import UpcycleError
+from .saving import atomic_output
 
 __all__ = ["ExportError", "export_hf", "hf_export_plan"]
 
@@ -212,9 +210,7 @@ def export_hf(model: nn.Module, out_dir, *, spec=None, report=None, force: bool 
         raise UpcycleError(f"{out}: output already exists; choose another path or pass --force (force=True) to replace it")
     spec = load_spec(spec) if spec is not None else None
     hf = build_hf_model(model, spec, target)  # raises ExportError before anything is written
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_output(out, force=force) as tmp:
         hf.save_pretrained(str(tmp))
         if spec is not None:
             (tmp / "upcycle_spec.yaml").write_text(dump_spec(spec))
@@ -223,14 +219,4 @@ def export_hf(model: nn.Module, out_dir, *, spec=None, report=None, force: bool 
             (tmp / "report.txt").write_text(report.to_text() + "\n")
         (tmp / "upcycle_export.json").write_text(json.dumps(
             {"format": hf.config.model_type, "model_class": type(hf).__name__, "source_class": type(model).__name__}, indent=2))
-        for p in tmp.iterdir():
-            if p.is_file():
-                p.chmod(0o644)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -53,7 +53,8 @@ def atomic_output(out_dir, *, force: bool = False):
     try:
         yield tmp
         for p in tmp.iterdir():  # mkdtemp and some writers use private modes; outputs are ordinary files
-            p.chmod(0o644)
+            if p.is_file():
+                p.chmod(0o644)
         tmp.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
