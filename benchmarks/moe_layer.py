@@ -320,6 +320,9 @@ def main(argv=None) -> int:
                 result = run_setting(s, args, device, dtype)
                 print_table(result)
                 results.append(result)
+                if args.json:  # after every setting, so a run cut short keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump({"meta": meta, "results": results}, f, indent=2)
     meta["loadavg_end"] = os.getloadavg()
     print(f"\nload average at the end {meta['loadavg_end'][0]:.2f}")
     if args.json:

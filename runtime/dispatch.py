@@ -6,8 +6,10 @@ indices [tokens, K], weights [tokens, K]) and returns [tokens, D]; all must equa
                `loop` (CPU default), `grouped_mm` (torch._grouped_mm), `padded` (bmm)
     triton     Triton kernels, forward and backward (kernels/); registered when triton imports
 
-`auto` picks triton on CUDA, else grouped, else reference. Registration happens in
-runtime/__init__.py.
+`auto` picks grouped (its own `auto` strategy: `loop` on CPU, `torch._grouped_mm` on CUDA where it
+runs, else `padded`), else reference. On an H200 (bf16, fwd+bwd, benchmarks/moe_layer_h200.json)
+grouped_mm beat the Triton kernels in 7 of 8 layer shapes (up to 2x at E8G1T2, d_model 2048), so
+Triton is opt-in (`backend: triton`). Registration happens in runtime/__init__.py.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def available_backends() -> list[str]:
 def resolve_backend(name: str, device: torch.device) -> ExpertsFn:
     """`auto` picks the fastest registered path for the device."""
     if name == "auto":
-        for candidate in (("triton",) if device.type == "cuda" else ()) + ("grouped", "reference"):
+        for candidate in ("grouped", "reference"):
             if candidate in _BACKENDS:
                 return _BACKENDS[candidate]
     try:

@@ -210,24 +210,27 @@ def _aligned(t: Tensor) -> bool:
     return (st[-1] == 1 or st[-2] == 1) and lead % align == 0
 
 
-_GMM_BROKEN: set[tuple[str, torch.dtype]] = set()
+_GMM_SUPPORT: dict[tuple[str, int, torch.dtype], bool] = {}
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `torch._grouped_mm` runs for this device and dtype (probed once, then cached)."""
-    if not hasattr(torch, "_grouped_mm") or (device.type, dtype) in _GMM_BROKEN:
-        return False
-    if device.type not in ("cpu", "cuda"):
-        return False
-    try:
-        a = torch.zeros(16, 8, device=device, dtype=dtype)
-        b = torch.zeros(2, 8, 8, device=device, dtype=dtype)
-        torch._grouped_mm(a, b, torch.tensor([8, 16], device=device, dtype=torch.int32))
-        torch._grouped_mm(a.t(), a, torch.tensor([8, 16], device=device, dtype=torch.int32))
-        return True
-    except (RuntimeError, NotImplementedError):
-        _GMM_BROKEN.add((device.type, dtype))
-        return False
+    """Whether `torch._grouped_mm` runs for this device and dtype: probed once per (device, dtype),
+    success and failure alike, so no forward after the first builds probe tensors (a host sync,
+    and illegal under CUDA-graph capture)."""
+    key = (device.type, device.index or 0, dtype)
+    if key in _GMM_SUPPORT:
+        return _GMM_SUPPORT[key]
+    ok = hasattr(torch, "_grouped_mm") and device.type in ("cpu", "cuda")
+    if ok:
+        try:
+            a = torch.zeros(16, 8, device=device, dtype=dtype)
+            b = torch.zeros(2, 8, 8, device=device, dtype=dtype)
+            torch._grouped_mm(a, b, torch.tensor([8, 16], device=device, dtype=torch.int32))
+            torch._grouped_mm(a.t(), a, torch.tensor([8, 16], device=device, dtype=torch.int32))
+        except (RuntimeError, NotImplementedError):
+            ok = False
+    _GMM_SUPPORT[key] = ok
+    return ok
 
 
 class _Segments(NamedTuple):
@@ -358,7 +361,13 @@ def grouped_experts_op(
     w_slot = weights.reshape(-1).float()[order]  # [S]
     args = (x, w_slot, token, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, activation, save)
     strategy = resolve_strategy(strategy, x.device, x.dtype)
-    if strategy == "loop":
+    if strategy == "triton":
+        from .kernels.backend import triton_experts_forward
+
+        out, g, u = triton_experts_forward(
+            x, w_slot, order, token, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, activation, save, k
+        )
+    elif strategy == "loop":
         out, g, u = _loop_forward(*args)
     else:
         out, g, u = _whole_forward(*args, strategy)
@@ -388,7 +397,14 @@ def grouped_experts_backward_op(
     dout = dout.contiguous()
     args = (dout, x, w_slot, token, offsets, gate_pre, up_pre, gate_w, up_w, down_w, gate_b, up_b, down_b, activation)
     strategy = resolve_strategy(strategy, x.device, x.dtype)
-    if strategy == "loop":
+    if strategy == "triton":
+        from .kernels.backend import triton_experts_backward
+
+        grads = triton_experts_backward(
+            dout, x, w_slot, order, token, offsets, gate_pre, up_pre, gate_w, up_w, down_w, gate_b, up_b, down_b,
+            activation, k,
+        )
+    elif strategy == "loop":
         grads = _loop_backward(*args)
     else:
         grads = _whole_backward(*args, strategy)
@@ -456,7 +472,7 @@ def grouped_forward(
     """x [T, D], indices [T, K], weights [T, K] -> [T, D]; equals `reference_forward`.
     `strategy`: one of STRATEGIES, or None / "auto" for the device's default."""
     strategy = strategy or "auto"
-    if strategy != "auto" and strategy not in STRATEGIES:
+    if strategy != "auto" and strategy not in STRATEGIES + ("triton",):
         raise ValueError(f"unknown grouped strategy {strategy!r}; known: {STRATEGIES}")
     plan = plan_routing(indices, experts.num_experts)
     params = (experts.gate_proj, experts.up_proj, experts.down_proj, experts.gate_bias, experts.up_bias, experts.down_bias)

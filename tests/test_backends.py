@@ -19,6 +19,9 @@ from _moe_cases import TOL, Case, assert_matches, build, names, reference, rel_e
 from upcycle.runtime import MoEConfig, available_backends, build_moe, resolve_backend  # noqa: E402
 from upcycle.runtime.grouped import STRATEGIES, grouped_forward, plan_routing  # noqa: E402
 
+# on a GPU machine the same cases run on the GPU (torch._grouped_mm's CUDA kernels, cuBLAS)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 CASES = {
     "gated_silu": Case(),
     "plain_relu2": Case(gated=False, activation="relu2"),
@@ -42,7 +45,7 @@ def grouped(strategy):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_grouped_fp32_matches_reference(case, strategy):
-    experts, x, indices, weights = build(CASES[case])
+    experts, x, indices, weights = build(CASES[case], device=DEVICE)
     want = run(reference, experts, x, indices, weights)
     got = run(grouped(strategy), experts, x, indices, weights)
     assert_matches(got, want, names(experts), TOL[torch.float32])
@@ -53,7 +56,7 @@ def test_grouped_fp32_matches_reference(case, strategy):
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_grouped_low_precision_matches_reference(case, strategy, dtype):
     """Both run in the low dtype; compared with the same per-dtype bound."""
-    experts, x, indices, weights = build(CASES[case], dtype=dtype)
+    experts, x, indices, weights = build(CASES[case], dtype=dtype, device=DEVICE)
     want = run(reference, experts, x, indices, weights)
     got = run(grouped(strategy), experts, x, indices, weights)
     assert_matches(got, want, names(experts), TOL[dtype])
@@ -63,9 +66,9 @@ def test_grouped_low_precision_matches_reference(case, strategy, dtype):
 def test_grouped_low_precision_close_to_fp32_truth(strategy):
     """The bf16 path is no further from the fp32 truth than the bf16 reference is (x2 slack)."""
     case = CASES["gated_silu"]
-    experts, x, indices, weights = build(case)
+    experts, x, indices, weights = build(case, device=DEVICE)
     truth = run(reference, experts, x, indices, weights)
-    low = build(case, dtype=torch.bfloat16)
+    low = build(case, dtype=torch.bfloat16, device=DEVICE)
     ref_low = run(reference, *low)
     got_low = run(grouped(strategy), *low)
     for label, t, r, g in zip(names(experts), truth, ref_low, got_low):
@@ -74,7 +77,7 @@ def test_grouped_low_precision_close_to_fp32_truth(strategy):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_grouped_no_grad_and_zero_tokens(strategy):
-    experts, x, indices, weights = build(Case(first_bias=True, output_bias=True))
+    experts, x, indices, weights = build(Case(first_bias=True, output_bias=True), device=DEVICE)
     with torch.no_grad():
         assert rel_err(grouped_forward(experts, x, indices, weights, strategy), reference(experts, x, indices, weights)) <= 1e-5
     # zero tokens: an empty output, and empty-input grads
@@ -87,7 +90,7 @@ def test_grouped_no_grad_and_zero_tokens(strategy):
 
 def test_grouped_odd_size_falls_back_from_grouped_mm():
     """d_model 25 breaks _grouped_mm's 16-byte stride rule; the strategy still works (padded)."""
-    experts, x, indices, weights = build(Case(d_model=25, d_expert=7))
+    experts, x, indices, weights = build(Case(d_model=25, d_expert=7), device=DEVICE)
     want = run(reference, experts, x, indices, weights)
     got = run(grouped("grouped_mm"), experts, x, indices, weights)
     assert_matches(got, want, names(experts), 1e-5)

@@ -5,21 +5,30 @@
     backward  down_backward  gather dout rows @ Wd + router-weight grad + act'      -> dg, du, dw
               scatter_gemm   du @ Wu + dg @ Wg, scattered to slots                  -> dx
               expert_wgrad   per-expert Σ Aᵀ B (three calls)                         -> dWd, dWu, dWg
-Bias gradients are segment sums in plain torch. Every kernel is a `torch.library.triton_op`,
-so torch.compile traces through the launches. Routing metadata comes from `plan_routing`.
+Bias gradients are segment sums in plain torch, accumulated in fp32.
+
+The two directions run inside the `grouped` backend's custom ops (strategy "triton"): one autograd
+style for every fast path. A `torch.autograd.Function` around the kernels computed the right
+forward but all-zero gradients under torch.compile on an H200 (torch 2.11, aot_eager and inductor
+alike), while each kernel op compiled alone matched eager; the custom-op pair is what compiles
+correctly for the other strategies, and now for this one. Only g and u are saved; h = act(g)·u is
+recomputed in the backward (elementwise, cheaper than keeping a third [S, H] tensor).
 """
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import torch
 from torch import Tensor
 
+from ..activations import get_activation
 from ..experts import GroupedExperts
-from ..grouped import plan_routing
-from .down_backward import triton_down_backward
-from .expert_wgrad import triton_expert_wgrad
-from .gate_up import triton_gate_up
-from .scatter_gemm import triton_scatter_gemm
+from .down_backward import launch_down_backward
+from .expert_wgrad import launch_expert_wgrad
+from .gate_up import launch_gate_up
+from .scatter_gemm import launch_scatter_gemm
 
 
 def block_sizes(device: torch.device) -> tuple[int, int, int]:
@@ -31,59 +40,105 @@ def _segment_ids(offsets: Tensor, s: int) -> Tensor:
     return torch.searchsorted(offsets, torch.arange(s, device=offsets.device), right=True)  # [S]
 
 
-class _TritonExperts(torch.autograd.Function):
+def _bias_grad(bias: Optional[Tensor], expert: Tensor, rows: Tensor) -> Optional[Tensor]:
+    """Σ over each expert's slots of rows [S, H], in fp32 whatever the parameter dtype."""
+    if bias is None:
+        return None
+    acc = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+    return acc.index_add_(0, expert, rows.float()).to(bias.dtype)
+
+
+try:  # launch kernels directly, as a triton_op does in eager mode (no higher-order-op dispatch)
+    from torch._library.triton import set_wrap_triton_enabled
+except ImportError:  # older torch: wrap_triton dispatches through its higher-order op, same result
+    from contextlib import nullcontext as set_wrap_triton_enabled  # type: ignore[assignment]
+
+
+def triton_experts_forward(x, w_slot, order, token, offsets, gw, uw, dw, gb, ub, db, activation, save, top_k):
+    """-> out [T, D] fp32, g [S, H] and u [S, H] pre-activations (empty unless `save`)."""
+    with set_wrap_triton_enabled(False):
+        return _forward(x, w_slot, order, token, offsets, gw, uw, dw, gb, ub, db, activation, save, top_k)
+
+
+def triton_experts_backward(dout, x, w_slot, order, token, offsets, g, u, gw, uw, dw, gb, ub, db, activation, top_k):
+    """-> dx [T, D], dw_slot [S] fp32, d gate_w, d up_w, d down_w, d gate_b, d up_b, d down_b
+    (None for absent parameters)."""
+    with set_wrap_triton_enabled(False):
+        return _backward(dout, x, w_slot, order, token, offsets, g, u, gw, uw, dw, gb, ub, db, activation, top_k)
+
+
+def _forward(x, w_slot, order, token, offsets, gw, uw, dw, gb, ub, db, activation, save, top_k):
+    bm, bn, bk = block_sizes(x.device)
+    h, g, u = launch_gate_up(x, token, offsets, gw, uw, gb, ub, activation, save, bm, bn, bk)
+    out = launch_scatter_gemm(h, dw.transpose(1, 2), None, None, db, w_slot, order, offsets, top_k, bm, bn, bk)
+    return out, g, u
+
+
+def _backward(dout, x, w_slot, order, token, offsets, g, u, gw, uw, dw, gb, ub, db, activation, top_k):
+    bm, bn, bk = block_sizes(x.device)
+    gated = gw is not None
+    s = order.shape[0]
+    act = get_activation(activation)
+    h = (act(g.float()) * u.float() if gated else act(u.float())).to(x.dtype)  # [S, H], as the forward made it
+    dg, du, dw_slot = launch_down_backward(dout, token, offsets, dw, g if gated else u, u, w_slot, gated, activation,
+                                           bm, bn, bk)
+    needs_expert = db is not None or gb is not None or ub is not None
+    expert = _segment_ids(offsets, s) if needs_expert else None
+    d_db = None
+    if db is not None:
+        dys = dout.index_select(0, token).float()  # [S, D]
+        dw_slot = dw_slot + (dys * db.float()[expert]).sum(-1)
+        d_db = _bias_grad(db, expert, dys * w_slot[:, None])
+    dx = launch_scatter_gemm(du, uw, dg if gated else None, gw, None, None, order, offsets, top_k, bm, bn, bk)
+    d_dw = launch_expert_wgrad(dout, h, token, None, w_slot, offsets, dw.dtype, bk, bn, bn)
+    d_uw = launch_expert_wgrad(du, x, None, token, None, offsets, uw.dtype, bk, bn, bn)
+    d_gw = launch_expert_wgrad(dg, x, None, token, None, offsets, gw.dtype, bk, bn, bn) if gated else None
+    d_ub = _bias_grad(ub, expert, du) if ub is not None else None
+    d_gb = _bias_grad(gb, expert, dg) if gb is not None else None
+    return dx.to(x.dtype), dw_slot, d_gw, d_uw, d_dw, d_gb, d_ub, d_db
+
+
+class _InterpretedExperts(torch.autograd.Function):
+    """The same two directions for the Triton interpreter (TRITON_INTERPRET=1, CPU tests only).
+
+    Interpreted kernels run inside a torch.library custom op left the CPU process's dispatcher
+    state corrupt (segfaults and bad_alloc in later op calls, in most runs of the kernel tests;
+    no kernel load or store was out of bounds), while the identical calls from an autograd.Function
+    never failed. The interpreter is a test vehicle that torch.compile cannot trace anyway, so it
+    gets this wrapper; compiled kernels on a GPU go through the custom ops."""
+
     @staticmethod
-    def forward(ctx, x, weights, order, token, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, activation, save):
-        bm, bn, bk = block_sizes(x.device)
-        top_k = weights.shape[1]
-        w_slot = weights.reshape(-1).float()[order]  # [S] router weight per sorted slot
-        h, g, u = triton_gate_up(x, token, offsets, gate_w, up_w, gate_b, up_b, activation, save, bm, bn, bk)
-        out = triton_scatter_gemm(
-            h, down_w.transpose(1, 2), None, None, down_b, w_slot, order, offsets, top_k, bm, bn, bk
-        )  # [T, D] fp32
-        if save:
-            ctx.save_for_backward(x, order, token, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, h, g, u, w_slot)
-        ctx.activation, ctx.top_k, ctx.weights_shape, ctx.weights_dtype = activation, top_k, weights.shape, weights.dtype
+    def forward(ctx, x, weights, order, token, offsets, gw, uw, dw, gb, ub, db, activation):
+        top_k = weights.shape[-1]
+        w_slot = weights.reshape(-1).float()[order]  # [S]
+        out, g, u = triton_experts_forward(x, w_slot, order, token, offsets, gw, uw, dw, gb, ub, db, activation,
+                                           True, top_k)
+        ctx.save_for_backward(x, weights, order, token, offsets, g, u, gw, uw, dw, gb, ub, db, w_slot)
+        ctx.activation = activation
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        x, order, token, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, h, g, u, w_slot = ctx.saved_tensors
-        bm, bn, bk = block_sizes(x.device)
-        gated = gate_w is not None
-        s = order.shape[0]
-        dout = dout.contiguous()
-        dg, du, dw_slot = triton_down_backward(
-            dout, token, offsets, down_w, g, u, w_slot, gated, ctx.activation, bm, bn, bk
+        x, weights, order, token, offsets, g, u, gw, uw, dw, gb, ub, db, w_slot = ctx.saved_tensors
+        dx, dw_slot, *d_params = triton_experts_backward(
+            dout.contiguous(), x, w_slot, order, token, offsets, g, u, gw, uw, dw, gb, ub, db,
+            ctx.activation, weights.shape[-1],
         )
-        expert = _segment_ids(offsets, s) if (down_b is not None or gate_b is not None or up_b is not None) else None
-        d_down_b = d_gate_b = d_up_b = None
-        if down_b is not None:
-            dys = dout.index_select(0, token).float()  # [S, D]
-            dw_slot = dw_slot + (dys * down_b.float()[expert]).sum(-1)
-            d_down_b = torch.zeros(down_b.shape, dtype=torch.float32, device=x.device)
-            d_down_b = d_down_b.index_add_(0, expert, dys * w_slot[:, None]).to(down_b.dtype)
-        dweights = torch.zeros(s, dtype=torch.float32, device=x.device).scatter_(0, order, dw_slot)
-        dweights = dweights.view(ctx.weights_shape).to(ctx.weights_dtype)
-        dx = triton_scatter_gemm(
-            du, up_w, dg if gated else None, gate_w, None, None, order, offsets, ctx.top_k, bm, bn, bk
-        ).to(x.dtype)
-        d_down = triton_expert_wgrad(dout, h, token, None, w_slot, offsets, down_w.dtype, bk, bn, bn)
-        d_up = triton_expert_wgrad(du, x, None, token, None, offsets, up_w.dtype, bk, bn, bn)
-        d_gate = triton_expert_wgrad(dg, x, None, token, None, offsets, gate_w.dtype, bk, bn, bn) if gated else None
-        if up_b is not None:
-            d_up_b = torch.zeros_like(up_b).index_add_(0, expert, du)
-        if gate_b is not None:
-            d_gate_b = torch.zeros_like(gate_b).index_add_(0, expert, dg)
-        return dx, dweights, None, None, None, d_gate, d_up, d_down, d_gate_b, d_up_b, d_down_b, None, None
+        dweights = torch.empty(order.shape[0], dtype=torch.float32, device=x.device).scatter_(0, order, dw_slot)
+        return (dx, dweights.view(weights.shape).to(weights.dtype), None, None, None, *d_params, None)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def triton_forward(experts: GroupedExperts, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
     """x [T, D], indices [T, K], weights [T, K] -> [T, D]; equals `reference_forward`."""
+    from ..grouped import grouped_forward, plan_routing
+
+    if not _interpreting():
+        return grouped_forward(experts, x, indices, weights, strategy="triton")
     plan = plan_routing(indices, experts.num_experts)
     params = (experts.gate_proj, experts.up_proj, experts.down_proj, experts.gate_bias, experts.up_bias, experts.down_bias)
-    # the gate/up pre-activations are written and kept only when a backward can follow
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weights) + params)
-    return _TritonExperts.apply(
-        x.contiguous(), weights, plan.order, plan.token, plan.offsets, *params, experts.activation, save
-    )
+    return _InterpretedExperts.apply(x.contiguous(), weights, plan.order, plan.token, plan.offsets, *params,
+                                     experts.activation)

@@ -79,8 +79,7 @@ def down_backward_kernel(
     tl.store(dw_ptr + rows64 * num_col_blocks + pid_n, part, mask=rmask)
 
 
-@triton_op("upcycle::triton_down_backward", mutates_args=())
-def triton_down_backward(
+def launch_down_backward(
     dout: Tensor, token: Tensor, offsets: Tensor, down_w: Tensor,
     g: Tensor, u: Tensor, scale: Tensor, gated: bool, activation: str,
     block_m: int, block_n: int, block_k: int,
@@ -104,6 +103,12 @@ def triton_down_backward(
         BM=block_m, BN=block_n, BK=block_k,
     )
     return dg, du, parts.sum(1)
+
+
+# The registered op, for callers outside our custom ops (torch.compile traces through it); the
+# backend calls `launch_down_backward` directly from inside its own custom ops (ops nested in ops crashed
+# the CPU interpreter).
+triton_down_backward = triton_op("upcycle::triton_down_backward", mutates_args=())(launch_down_backward)
 
 
 def reference_down_backward(dout, token, offsets, down_w, g, u, scale, gated, activation):

@@ -90,8 +90,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-@triton_op("upcycle::triton_gate_up", mutates_args=())
-def triton_gate_up(
+def launch_gate_up(
     x: Tensor, token: Tensor, offsets: Tensor,
     gate_w: Optional[Tensor], up_w: Tensor, gate_b: Optional[Tensor], up_b: Optional[Tensor],
     activation: str, save: bool, block_m: int, block_n: int, block_k: int,
@@ -122,6 +121,12 @@ def triton_gate_up(
         BM=block_m, BN=block_n, BK=block_k,
     )
     return h, g, u
+
+
+# The registered op, for callers outside our custom ops (torch.compile traces through it); the
+# backend calls `launch_gate_up` directly from inside its own custom ops (ops nested in ops crashed
+# the CPU interpreter).
+triton_gate_up = triton_op("upcycle::triton_gate_up", mutates_args=())(launch_gate_up)
 
 
 def reference_gate_up(x, token, offsets, gate_w, up_w, gate_b, up_b, activation):

@@ -72,8 +72,7 @@ def scatter_gemm_kernel(
     tl.store(out_ptr + dest[:, None] * M + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
 
-@triton_op("upcycle::triton_scatter_gemm", mutates_args=())
-def triton_scatter_gemm(
+def launch_scatter_gemm(
     a: Tensor, b: Tensor, a2: Optional[Tensor], b2: Optional[Tensor], bias: Optional[Tensor],
     scale: Optional[Tensor], order: Tensor, offsets: Tensor, top_k: int,
     block_m: int, block_n: int, block_k: int,
@@ -98,6 +97,12 @@ def triton_scatter_gemm(
         PREC=dot_precision(a.dtype), BM=block_m, BN=block_n, BK=block_k,
     )
     return buf.view(s // top_k, top_k, m).sum(1)
+
+
+# The registered op, for callers outside our custom ops (torch.compile traces through it); the
+# backend calls `launch_scatter_gemm` directly from inside its own custom ops (ops nested in ops crashed
+# the CPU interpreter).
+triton_scatter_gemm = triton_op("upcycle::triton_scatter_gemm", mutates_args=())(launch_scatter_gemm)
 
 
 def reference_scatter_gemm(a, b, a2, b2, bias, scale, order, offsets, top_k):
