@@ -4,7 +4,7 @@
     moe_model = compile_upcycle(model, "specs/presets/e8g8t8.yaml")
 """
 
-from .runtime import MoEConfig, MoELayer, aux_loss
+from .runtime import MoEConfig, MoELayer, aux_loss, read_router_stats, set_aux_loss_scale, update_expert_bias
 
 __version__ = "0.1.0"
 
@@ -18,4 +18,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'upcycle' has no attribute {name!r}")
 
 
-__all__ = ["compile_upcycle", "load", "save", "plan_upcycle", "UpcycleError", "MoEConfig", "MoELayer", "aux_loss", "__version__"]
+__all__ = ["compile_upcycle", "load", "save", "plan_upcycle", "UpcycleError", "MoEConfig", "MoELayer", "aux_loss",
+           "read_router_stats", "set_aux_loss_scale", "update_expert_bias", "__version__"]

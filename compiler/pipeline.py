@@ -31,6 +31,7 @@ from upcycle.passes.weight_mapping import (
     virtual_group_ok,
 )
 from upcycle.runtime.moe import MoELayer
+from upcycle.runtime.token_mask import attach_token_mask
 from upcycle.specs import load_spec, validate_against_model
 from upcycle.specs.schema import UpcycleSpec
 
@@ -187,16 +188,22 @@ class MoEBuilder:
         with torch.device("meta"):
             moe = MoELayer(cfg)
         if structure_only:
-            return moe.to_empty(device=dense.up.device).to(dense.up.dtype)
+            moe = moe.to_empty(device=dense.up.device).to(dense.up.dtype)
+            moe.init_runtime_buffers(dense.up.device)
+            return moe
         g = torch.Generator().manual_seed(self.spec.seed * 100_003 + index)
         state = {f"experts.{k}": v for k, v in expert_weights(dense, self.spec, scale, g).items()}
         key = linear_paths(match)
         calib = self.capture.inputs.get(key) if self.capture is not None and self.spec.router.init == "kmeans" else None
+        # the router stays fp32 whatever the model dtype (router.py: routing decisions in fp32)
         state["router.weight"] = router_init(self.spec, match.d_model, g, inputs=calib,
-                                             where=self.path_of.get(key, "")).to(dense.up.dtype)
+                                             where=self.path_of.get(key, "")).to(torch.float32)
+        if cfg.uses_bias:
+            state["router.expert_bias"] = torch.zeros(cfg.num_experts, dtype=torch.float32)
         if cfg.shared_d_ffn:
             state.update({f"shared_expert.{k}": v for k, v in shared_expert_weights(dense, self.spec).items()})
         moe.load_state_dict(state, assign=True, strict=True)
+        moe.init_runtime_buffers(dense.up.device)
         return moe.to(dense.up.device)
 
     def __call__(self, match: MLPMatch, unit: fx.GraphModule) -> MoELayer:
@@ -285,6 +292,7 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool
         model, records = rewrite_mlps(model, targets, builder, logs=pass_log)
     finally:
         bar.close()
+    _set_training(model, False)  # new MoE layers are built in training mode: the probe must not train
     if capture is not None:
         capture.inputs.clear()
     order = {f.path: f.index for f in discovery.mlps}
@@ -298,6 +306,7 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool
             model_error = compare(dense_logits, moe_logits)[1]
             loss_before, loss_after = _lm_loss(dense_logits, probe), _lm_loss(moe_logits, probe)
     _set_training(model, was_training)
+    attach_token_mask(model)  # pad tokens out of the router losses and telemetry
     report = Report.build(spec, plan, builder.checks, records, model_error, loss_before, loss_after,
                           seconds=time.perf_counter() - t0, probe="model forward" if capture else "synthetic")
     return UpcycleResult(model, plan, report, records, pass_log)

@@ -67,6 +67,10 @@ def moe_config_for(entry_gated: bool, activation: str, d_model: int, d_ffn: int,
         z_loss_coef=spec.router.z_loss_coef,
         backend=spec.runtime.backend,
         shared_d_ffn=shared * (d_ffn // g),
+        balancing=spec.router.balancing,
+        bias_update_rate=spec.router.bias_update_rate,
+        capacity_factor=spec.runtime.capacity_factor,
+        virtual_group_size=spec.experts.routed_granularity,
     )
 
 

@@ -6,9 +6,13 @@ from .dispatch import available_backends, register_backend, resolve_backend
 from .experts import GroupedExperts, reference_forward
 from .grouped import grouped_forward
 from .kernels import triton_available, triton_backend
-from .losses import aux_loss, load_balancing_loss, z_loss
+from .balancing import update_expert_bias
+from .capacity import capacity_keep
+from .losses import aux_loss, load_balancing_loss, set_aux_loss_scale, z_loss
 from .moe import MoELayer, SharedExpert, build_moe
 from .router import RouterOutput, TopKRouter
+from .telemetry import RouterStats, TelemetryWriter, plot_load_heatmap, read_router_stats, stats_summary
+from .token_mask import attach_token_mask
 
 register_backend("grouped", grouped_forward)
 if triton_available():
@@ -18,5 +22,6 @@ __all__ = [
     "ACTIVATIONS", "HOMOGENEITY_DEGREE", "get_activation", "identify_activation", "MoEConfig",
     "available_backends", "register_backend", "resolve_backend", "GroupedExperts", "reference_forward",
     "aux_loss", "load_balancing_loss", "z_loss", "MoELayer", "SharedExpert", "build_moe",
-    "RouterOutput", "TopKRouter", "grouped_forward",
+    "RouterOutput", "TopKRouter", "grouped_forward", "update_expert_bias", "capacity_keep", "set_aux_loss_scale",
+    "RouterStats", "TelemetryWriter", "plot_load_heatmap", "read_router_stats", "stats_summary", "attach_token_mask",
 ]

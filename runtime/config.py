@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from typing import Optional
+
 ROUTER_TYPES = ("softmax_then_topk", "topk_then_softmax")
 BACKENDS = ("auto", "reference", "grouped", "triton")
+# aux_loss: the load-balancing loss reaches the router through autograd; bias: DeepSeek-V3's
+# aux-loss-free per-expert routing bias, updated once per optimizer step; both; none
+BALANCING = ("aux_loss", "bias", "both", "none")
 
 
 @dataclass(frozen=True)
@@ -26,21 +31,43 @@ class MoEConfig:
     # always-on shared expert beside the routed ones (0 = none), hidden width and output scale
     shared_d_ffn: int = 0
     shared_scale: float = 1.0
+    balancing: str = "aux_loss"
+    bias_update_rate: float = 1e-3  # step of the routing bias per optimizer step (bias balancing)
+    # None: dropless. Else each expert takes at most ceil(cf · slots / N) slots per forward; the
+    # overflow slots with the lowest router probability are dropped (their weight set to 0)
+    capacity_factor: Optional[float] = None
+    # experts per virtual group (G − S: consecutive experts that start as shards of one dense copy);
+    # telemetry reports how many tokens still pick whole groups
+    virtual_group_size: int = 1
 
     def __post_init__(self) -> None:
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.balancing not in BALANCING:
+            raise ValueError(f"balancing must be one of {BALANCING}, got {self.balancing!r}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 or None, got {self.capacity_factor!r}")
+        if self.virtual_group_size < 1 or self.num_experts % self.virtual_group_size:
+            raise ValueError(f"virtual_group_size={self.virtual_group_size} must divide num_experts={self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def uses_aux_loss(self) -> bool:
+        return self.balancing in ("aux_loss", "both")
+
+    @property
+    def uses_bias(self) -> bool:
+        return self.balancing in ("bias", "both")
+
     @classmethod
     def from_dict(cls, data: dict) -> "MoEConfig":
-        return cls(**data)
+        return cls(**data)  # fields added later take their defaults in older files
 
     @property
     def params_per_expert(self) -> int:

@@ -476,13 +476,27 @@ def grouped_forward(
         raise ValueError(f"unknown grouped strategy {strategy!r}; known: {STRATEGIES}")
     plan = plan_routing(indices, experts.num_experts)
     params = (experts.gate_proj, experts.up_proj, experts.down_proj, experts.gate_bias, experts.up_bias, experts.down_bias)
+    x, params = _autocast_inputs(x, params)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weights) + params
     )
-    out, _, _ = grouped_experts_op(
-        x.contiguous(), weights, plan.order, plan.offsets, *params, experts.activation, strategy, save
-    )
+    with torch.autocast(x.device.type, enabled=False):
+        out, _, _ = grouped_experts_op(
+            x.contiguous(), weights, plan.order, plan.offsets, *params, experts.activation, strategy, save
+        )
     return out
+
+
+def _autocast_inputs(x: Tensor, params: tuple) -> tuple[Tensor, tuple]:
+    """Under torch.autocast, run the experts in the autocast dtype as F.linear would (the custom op
+    is opaque to autocast): x and the expert weights cast, differentiably, to that dtype. The
+    router's combine weights stay fp32 (the op reads them in fp32 anyway)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, params
+    dtype = torch.get_autocast_dtype(device)
+    cast = tuple(None if p is None else p.to(dtype) for p in params)
+    return x.to(dtype), cast
 
 
 __all__ = [

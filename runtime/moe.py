@@ -1,7 +1,8 @@
 """The MoE layer that replaces a dense MLP: router + routed experts (+ optional shared expert).
 
 Its forward has the dense MLP's signature, x [..., D] -> [..., D], so it drops into the
-model unchanged; router losses are kept on the layer (`last_aux_loss`) for `aux_loss(model)`.
+model unchanged. In training its router losses ride along in autograd, so the model trains with
+load balancing in any loop that calls `loss.backward()`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from .activations import get_activation
 from .config import MoEConfig
 from .dispatch import resolve_backend
 from .experts import GroupedExperts
-from .losses import load_balancing_loss, z_loss
+from .balancing import register_bias_layer
+from .capacity import capacity_keep
+from .losses import attach_aux_loss, load_balancing_loss, z_loss
 from .router import TopKRouter
+from .telemetry import NUM_SCALARS, accumulate, recomputing
+from .token_mask import flat_token_mask
 
 
 class SharedExpert(nn.Module):
@@ -37,35 +42,80 @@ class SharedExpert(nn.Module):
 
 
 class MoELayer(nn.Module):
+    """Router + routed experts (+ shared expert), with the router's training machinery built in:
+    router losses attached to autograd (losses.py), aux-loss-free bias balancing (balancing.py),
+    optional capacity (capacity.py), padding masks (token_mask.py) and telemetry (telemetry.py)."""
+
     def __init__(self, config: MoEConfig):
         super().__init__()
         self.config = config
         self.router = TopKRouter(
-            config.d_model, config.num_experts, config.top_k, config.router_type, bias=config.router_bias
+            config.d_model, config.num_experts, config.top_k, config.router_type, bias=config.router_bias,
+            expert_bias=config.uses_bias,
         )
         self.experts = GroupedExperts(config)
         self.shared_expert = SharedExpert(config) if config.shared_d_ffn > 0 else None
         self.backend = config.backend
-        self.last_aux_loss: torch.Tensor | None = None
+        self.token_mask = None  # [B, S] attention mask of the current model call (token_mask.py)
+        self.init_runtime_buffers()
+        if config.uses_bias:
+            register_bias_layer(self)
+
+    def init_runtime_buffers(self, device=None) -> None:
+        """(Re)create the non-persistent training buffers, zeroed: statistics since the last read,
+        the last weighted router loss (for logging), the attached loss's gradient scale."""
+        n = self.config.num_experts
+        device = device if device is not None else self.router.weight.device
+        if device.type == "meta" and device != self.router.weight.device:
+            device = self.router.weight.device
+        f32 = dict(device=device, dtype=torch.float32)
+        self.register_buffer("stat_load", torch.zeros(n, **f32), persistent=False)
+        self.register_buffer("stat_scalars", torch.zeros(NUM_SCALARS, **f32), persistent=False)
+        self.register_buffer("last_aux_loss", torch.zeros((), **f32), persistent=False)
+        self.register_buffer("aux_loss_scale", torch.ones((), **f32), persistent=False)
+        if self.config.uses_bias:
+            self.register_buffer("balance_counts", torch.zeros(n, **f32), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """Casts keep the fp32 statistics fp32 (device moves still apply)."""
+        out = super()._apply(fn, recurse)
+        for name in ("stat_load", "stat_scalars", "last_aux_loss", "aux_loss_scale", "balance_counts"):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # [tokens, D]
+        mask = flat_token_mask(self.token_mask, shape)  # [tokens] or None
+        cfg = self.config
         route = self.router(tokens)
+        weights = route.weights  # [tokens, K] fp32
+        kept = None
+        if cfg.capacity_factor is not None:
+            kept = capacity_keep(route.indices, route.probs.gather(1, route.indices), cfg.num_experts,
+                                 cfg.capacity_factor, mask)
+            weights = weights * kept
+        if self.training:
+            lb = load_balancing_loss(route.probs, route.indices, cfg.num_experts, mask)
+            z = z_loss(route.logits, mask) if cfg.z_loss_coef else lb.new_zeros(())
+            loss = (cfg.aux_loss_coef * lb if cfg.uses_aux_loss else lb.new_zeros(())) + cfg.z_loss_coef * z
+            if torch.is_grad_enabled() and (cfg.uses_aux_loss or cfg.z_loss_coef):
+                weights = attach_aux_loss(weights, loss, self.aux_loss_scale)
+            if not recomputing():
+                accumulate(self, route.indices, route.probs, kept, mask, lb, z)
+                self.last_aux_loss.copy_(loss.detach())
         run_experts = resolve_backend(self.backend, tokens.device)
-        out = run_experts(self.experts, tokens, route.indices, route.weights)  # [tokens, D]
+        out = run_experts(self.experts, tokens, route.indices, weights)  # [tokens, D]
         if self.shared_expert is not None:
             out = out + self.config.shared_scale * self.shared_expert(tokens)
-        if self.training:
-            loss = self.config.aux_loss_coef * load_balancing_loss(route.probs, route.indices, self.config.num_experts)
-            if self.config.z_loss_coef:
-                loss = loss + self.config.z_loss_coef * z_loss(route.logits)
-            self.last_aux_loss = loss
         return out.reshape(shape)
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"backend={self.backend}, shared_d_ffn={c.shared_d_ffn}"
+        extra = f", capacity_factor={c.capacity_factor}" if c.capacity_factor is not None else ""
+        return f"backend={self.backend}, shared_d_ffn={c.shared_d_ffn}, balancing={c.balancing}{extra}"
 
 
 def build_moe(config: MoEConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MoELayer:

@@ -1,8 +1,15 @@
-"""Token-choice top-K router. Routing math runs in fp32 whatever the model dtype."""
+"""Token-choice top-K router. Routing math runs in fp32 whatever the model dtype, autocast included.
+
+Why fp32 for real: the softmax over N experts and the top-K choice are sensitive to rounding
+(bf16 keeps 8 bits of mantissa, so near-equal experts of a virtual group tie or swap at random).
+`.float()` alone is undone by an enclosing `torch.autocast`, which recasts F.linear's inputs; the
+router therefore disables autocast for its own matmul, and keeps its weight an fp32 parameter
+when the model is cast (`model.to(torch.bfloat16)`, `.half()`).
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -19,27 +26,61 @@ class RouterOutput(NamedTuple):
 class TopKRouter(nn.Module):
     """softmax_then_topk keeps the top-K probabilities of a softmax over all experts (the
     paper's choice: kept weights sum to < 1); topk_then_softmax renormalises over the kept K
-    (Mixtral: kept weights sum to 1)."""
+    (Mixtral: kept weights sum to 1).
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, router_type: str, bias: bool = False):
+    With `expert_bias` (aux-loss-free balancing, DeepSeek-V3) a per-expert bias is added to the
+    softmax probabilities used for the top-K *choice* only, for both router types (probabilities
+    order experts as logits do, and give the bias one scale, [0, 1], whatever the logits' range).
+    The combine weights stay those of the unbiased scores, so the bias steers load without
+    entering the model's output or the router's gradient.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, router_type: str, bias: bool = False,
+                 expert_bias: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.router_type = router_type
-        self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # [N, D]
-        self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=torch.float32))  # [N, D]
+        self.bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32)) if bias else None
+        if expert_bias:  # learned by the balancing rule, not by gradients: a persistent buffer
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias: Optional[torch.Tensor] = None
         nn.init.normal_(self.weight, std=0.02)
 
+    def _apply(self, fn, recurse=True):
+        """Casts keep the router's fp32 tensors fp32 (device moves still apply)."""
+
+        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.dtype == torch.float32 and out.is_floating_point() and out.dtype != torch.float32:
+                out = out.float()
+            return out
+
+        return super()._apply(keep_fp32, recurse)
+
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        bias = None if self.bias is None else self.bias.float()
-        logits = F.linear(x.float(), self.weight.float(), bias)  # [tokens, N]
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            logits = F.linear(x.float(), self.weight.float(), bias)  # [tokens, N] fp32
         probs = torch.softmax(logits, dim=-1)  # [tokens, N]
+        eb = self.expert_bias
         if self.router_type == "softmax_then_topk":
-            weights, indices = torch.topk(probs, self.top_k, dim=-1)  # [tokens, K]
+            if eb is None:
+                weights, indices = torch.topk(probs, self.top_k, dim=-1)  # [tokens, K]
+            else:
+                indices = torch.topk(probs + eb, self.top_k, dim=-1).indices
+                weights = probs.gather(1, indices)
         else:
-            top_logits, indices = torch.topk(logits, self.top_k, dim=-1)
+            if eb is None:
+                top_logits, indices = torch.topk(logits, self.top_k, dim=-1)
+            else:  # choose on probabilities (same order as logits) so the bias has one scale
+                indices = torch.topk(probs + eb, self.top_k, dim=-1).indices
+                top_logits = logits.gather(1, indices)
             weights = torch.softmax(top_logits, dim=-1)  # [tokens, K]
         return RouterOutput(indices, weights, probs, logits)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, top_k={self.top_k}, type={self.router_type}"
+        bias = ", expert_bias" if self.expert_bias is not None else ""
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, type={self.router_type}{bias}"

@@ -4,12 +4,13 @@ validates it; everything downstream reads only these objects."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 RouterType = Literal["softmax_then_topk", "topk_then_softmax"]
 RouterInit = Literal["virtual_group", "random", "kmeans"]
 ScalingPlacement = Literal["auto", "balanced", "down_proj"]
 Backend = Literal["auto", "reference", "grouped", "triton"]
+Balancing = Literal["aux_loss", "bias", "both", "none"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class RouterSpec:
     init_std: float = 0.02
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
+    # aux_loss: load-balancing loss through autograd (the paper's, coef 1e-2); bias: DeepSeek-V3's
+    # aux-loss-free routing bias, moved by bias_update_rate per optimizer step; both; none
+    balancing: Balancing = "aux_loss"
+    bias_update_rate: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class LayerSelection:
 @dataclass(frozen=True)
 class RuntimeSpec:
     backend: Backend = "auto"
+    capacity_factor: Optional[float] = None  # None: dropless (default)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import get_args
 from .errors import SpecError, show_value
 from .schema import (
     Backend,
+    Balancing,
     ExpertsSpec,
     LayerSelection,
     RouterInit,
@@ -34,8 +35,8 @@ __all__ = ["build_spec", "TOP_KEYS", "SECTION_KEYS", "line_of"]
 TOP_KEYS = ("experts", "router", "weight_scaling", "scaling_placement", "layers", "runtime", "verify", "seed")
 SECTION_KEYS = {
     "experts": ("expansion", "granularity", "top_k", "shared_experts", "drop_upcycling"),
-    "router": ("type", "init", "init_std", "aux_loss_coef", "z_loss_coef"),
-    "runtime": ("backend",),
+    "router": ("type", "init", "init_std", "aux_loss_coef", "z_loss_coef", "balancing", "bias_update_rate"),
+    "runtime": ("backend", "capacity_factor"),
     "verify": ("enabled", "probe_tokens", "tolerance"),
 }
 LAYER_MODES = ("every", "first", "last", "match")
@@ -220,11 +221,20 @@ class _Checker:
             init_std=self.number(d, "init_std", p + "init_std", D.init_std, low=0.0, low_open=True),
             aux_loss_coef=self.number(d, "aux_loss_coef", p + "aux_loss_coef", D.aux_loss_coef, low=0.0, low_open=False),
             z_loss_coef=self.number(d, "z_loss_coef", p + "z_loss_coef", D.z_loss_coef, low=0.0, low_open=False),
+            balancing=self.choice(d, "balancing", p + "balancing", D.balancing, get_args(Balancing)),
+            bias_update_rate=self.number(d, "bias_update_rate", p + "bias_update_rate", D.bias_update_rate,
+                                         low=0.0, low_open=True),
         )
 
     def runtime(self, data: Mapping) -> RuntimeSpec:
         d = self.section(data, "runtime")
-        return RuntimeSpec(backend=self.choice(d, "backend", "runtime.backend", RuntimeSpec().backend, get_args(Backend)))
+        cf = d.get("capacity_factor")
+        return RuntimeSpec(
+            backend=self.choice(d, "backend", "runtime.backend", RuntimeSpec().backend, get_args(Backend)),
+            # null (or absent) = dropless
+            capacity_factor=None if cf is None else self.number(d, "capacity_factor", "runtime.capacity_factor",
+                                                                 None, low=0.0, low_open=True),
+        )
 
     def verify(self, data: Mapping) -> VerifySpec:
         d, p, D = self.section(data, "verify"), "verify.", VerifySpec()
