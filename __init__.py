@@ -4,19 +4,28 @@
     moe_model = compile_upcycle(model, "specs/presets/e8g8t8.yaml")
 """
 
-from .runtime import MoEConfig, MoELayer, aux_loss, read_router_stats, set_aux_loss_scale, update_expert_bias
+if __name__ != "upcycle":
+    # The repository root is the `upcycle` package. Imported under another name (pytest collects
+    # the root folder as a package named after the folder), running this file again would import
+    # runtime/ a second time and re-register its torch custom ops under the same names, which frees
+    # the first registration while the first import's op objects still point at it: the process
+    # then crashes in later op calls. Alias the real package instead.
+    import importlib as _importlib
+    import sys as _sys
 
-__version__ = "0.1.0"
+    _sys.modules[__name__] = _importlib.import_module("upcycle")
+else:
+    from .runtime import MoEConfig, MoELayer, aux_loss, read_router_stats, set_aux_loss_scale, update_expert_bias
 
+    __version__ = "0.1.0"
 
-def __getattr__(name):
-    # The compiler pulls in FX/networkx; keep `import upcycle.runtime` light for training jobs.
-    if name in ("compile_upcycle", "load", "save", "UpcycleError", "plan_upcycle"):
-        from . import compiler
+    def __getattr__(name):
+        # The compiler pulls in FX/networkx; keep `import upcycle.runtime` light for training jobs.
+        if name in ("compile_upcycle", "load", "save", "UpcycleError", "plan_upcycle"):
+            from . import compiler
 
-        return getattr(compiler, name)
-    raise AttributeError(f"module 'upcycle' has no attribute {name!r}")
+            return getattr(compiler, name)
+        raise AttributeError(f"module 'upcycle' has no attribute {name!r}")
 
-
-__all__ = ["compile_upcycle", "load", "save", "plan_upcycle", "UpcycleError", "MoEConfig", "MoELayer", "aux_loss",
-           "read_router_stats", "set_aux_loss_scale", "update_expert_bias", "__version__"]
+    __all__ = ["compile_upcycle", "load", "save", "plan_upcycle", "UpcycleError", "MoEConfig", "MoELayer",
+               "aux_loss", "read_router_stats", "set_aux_loss_scale", "update_expert_bias", "__version__"]

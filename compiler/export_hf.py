@@ -94,6 +94,11 @@ def hf_export_plan(model: nn.Module, spec=None, target: str | None = None) -> di
         raise ExportError(f"{name}: experts are not gated (GLU); Mixtral and Qwen2-MoE experts are SwiGLU-style")
     if c.first_bias or c.output_bias or c.router_bias:
         raise ExportError(f"{name}: expert or router biases have no place in Mixtral / Qwen2-MoE experts")
+    trained_bias = [i for i in moe_idx if layers[i].mlp.router.expert_bias is not None
+                    and bool(layers[i].mlp.router.expert_bias.abs().sum() > 0)]
+    if trained_bias:
+        raise ExportError(f"{name}: model.layers.{trained_bias[0]}.mlp routes with a trained aux-loss-free bias "
+                          "(router.balancing: bias), which Mixtral / Qwen2-MoE routers cannot hold; use the native format")
     if cfg.hidden_act not in _ACT.get(c.activation, ()):
         raise ExportError(f"{name}: expert activation {c.activation} differs from hidden_act {cfg.hidden_act}")
     fine = c.d_expert != cfg.intermediate_size
@@ -107,6 +112,20 @@ def hf_export_plan(model: nn.Module, spec=None, target: str | None = None) -> di
     if target not in ("mixtral", "qwen2_moe"):
         raise ExportError(f"unknown export target {target!r}; choose mixtral or qwen2_moe")
     return {"target": target, "moe_layers": moe_idx, "dense_layers": dense_idx, "moe": c}
+
+
+def hf_aux_loss_coef(c, num_moe_layers: int) -> float:
+    """transformers' coefficient giving our balancing pressure on each router.
+
+    Ours: Σ over MoE layers of coef · N Σ_e f_e P_e, with f_e the share of the T·K slots.
+    transformers (Mixtral, Qwen2-MoE `load_balancing_loss_func`): coef' · N Σ_e F_e P̄_e over the
+    layers pooled, with F_e slots per token (K times our share) and P̄ the mean over layers·tokens.
+    Its gradient on layer l's mean probability is coef' · N · K · f_e / L against our coef · N · f_e,
+    so coef' = coef · L / K: equal gradients when the layers' loads agree (exactly for one MoE
+    layer; with several, transformers balances the pooled load rather than each layer's)."""
+    if not c.uses_aux_loss:
+        return 0.0
+    return c.aux_loss_coef * num_moe_layers / c.top_k
 
 
 def _config(model: nn.Module, plan: dict, spec):
@@ -123,7 +142,8 @@ def _config(model: nn.Module, plan: dict, spec):
         tie_word_embeddings=bool(getattr(src, "tie_word_embeddings", False)),
         rope_parameters=getattr(src, "rope_parameters", None), attention_dropout=getattr(src, "attention_dropout", 0.0),
         bos_token_id=src.bos_token_id, eos_token_id=src.eos_token_id, pad_token_id=src.pad_token_id,
-        num_experts_per_tok=c.top_k, router_aux_loss_coef=spec.router.aux_loss_coef if spec is not None else 0.01,
+        num_experts_per_tok=c.top_k, output_router_logits=True,
+        router_aux_loss_coef=hf_aux_loss_coef(c, len(plan["moe_layers"])),
     )
     sliding = getattr(src, "sliding_window", None) if getattr(src, "use_sliding_window", True) else None
     if plan["target"] == "mixtral":

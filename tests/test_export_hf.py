@@ -215,3 +215,47 @@ def test_cli_format_hf_unsupported_keeps_native(tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "no transformers MoE format" in err[0] and "native format" in err[0]
     assert (out / "upcycle.json").is_file()
     load(out)  # the native output is complete
+
+
+@pytest.mark.parametrize("spec", [_spec(4, 1, 2, "topk_then_softmax"), _spec(4, 2, 2, "softmax_then_topk")],
+                         ids=["mixtral", "qwen2_moe"])
+def test_export_trains_with_the_same_router_pressure(spec, tmp_path):
+    """output_router_logits is on and router_aux_loss_coef is converted (transformers averages the
+    pooled load over layers and counts K slots per token; we sum per layer): with one MoE layer the
+    router gradients of a training step agree exactly."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moe = compile_upcycle(_llama(layers=1), spec)
+    layer = moe.model.layers[0].mlp
+    with torch.no_grad():  # an uneven router, so the balancing gradient is not ~0
+        layer.router.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    out = export_hf(moe, tmp_path / "hf", spec=spec)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["output_router_logits"] is True
+    assert cfg["router_aux_loss_coef"] == pytest.approx(0.01 * 1 / 2)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).train()
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    moe.train()
+    moe(input_ids=ids, labels=ids).loss.backward()
+    hf(input_ids=ids, labels=ids).loss.backward()
+    ours, theirs = layer.router.weight.grad, hf.model.layers[0].mlp.gate.weight.grad
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-6)
+    hf.zero_grad()  # and the balancing part is really there: without it the gradients differ
+    hf.config.router_aux_loss_coef = 0.0
+    hf.router_aux_loss_coef = 0.0
+    hf(input_ids=ids, labels=ids).loss.backward()
+    assert (hf.model.layers[0].mlp.gate.weight.grad - ours).abs().max() > 1e-5
+
+
+def test_export_refuses_a_trained_routing_bias(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moe = compile_upcycle(_llama(layers=2), _spec(4, 1, 2, "topk_then_softmax",
+                                                       router={"type": "topk_then_softmax", "balancing": "bias"}))
+    assert hf_export_plan(moe)["target"] == "mixtral"  # an untouched (zero) bias exports
+    with torch.no_grad():
+        moe.model.layers[1].mlp.router.expert_bias[0] = 0.01
+    with pytest.raises(ExportError, match="model.layers.1.mlp routes with a trained aux-loss-free bias"):
+        hf_export_plan(moe)

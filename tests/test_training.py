@@ -431,3 +431,56 @@ def test_moe_config_round_trip_with_training_fields():
     with pytest.raises(ValueError, match="balancing"):
         dataclasses.replace(cfg, balancing="sometimes")
     assert isinstance(MoELayer(cfg).router.expert_bias, torch.Tensor)
+
+
+def test_root_imported_under_another_name_aliases_the_package():
+    """pytest collects the repository root as a package named after its folder; executing the root
+    __init__ under that name must not import runtime/ again (re-registering the custom ops frees the
+    first registration under live references: the process crashed in later op calls)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import upcycle
+
+    root = Path(upcycle.__file__).parent
+    spec = importlib.util.spec_from_file_location("upcycle_alias_check", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["upcycle_alias_check"] = mod
+    try:
+        spec.loader.exec_module(mod)
+        assert sys.modules["upcycle_alias_check"] is upcycle
+        assert "upcycle_alias_check.runtime" not in sys.modules
+    finally:
+        sys.modules.pop("upcycle_alias_check", None)
+    model = _model()
+    _task_loss(model, _ids()).backward()  # the ops still work
+    assert model.blocks[0].router.weight.grad is not None
+
+
+def test_unmodified_trainer_trains_with_balancing_and_logs_telemetry(tiny_llama, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from upcycle import compile_upcycle
+    from upcycle.runtime.trainer_callback import add_router_telemetry
+
+    model = compile_upcycle(tiny_llama, "e8g1t2")
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 96, (12,), generator=g) for _ in range(16)]
+    data = [{"input_ids": r, "labels": r, "attention_mask": torch.ones(12, dtype=torch.long)} for r in rows]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=4,
+                             gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    router_before = model.model.layers[0].mlp.router.weight.detach().clone()
+    add_router_telemetry(trainer, jsonl=str(tmp_path / "router.jsonl"))
+    trainer.train()
+    layer = model.model.layers[0].mlp
+    assert float(layer.aux_loss_scale) == 0.5  # 1 / gradient_accumulation_steps
+    assert not torch.equal(layer.router.weight, router_before)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 4 and all("router/max_over_mean_load_mean" in h for h in logged)
+    assert all(1.0 <= h["router/max_over_mean_load_max"] <= 8.0 for h in logged)
+    lines = (tmp_path / "router.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[0])["layers"]["model.layers.0.mlp"]["tokens"] == 2 * 4 * 12

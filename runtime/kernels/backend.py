@@ -10,14 +10,14 @@ Bias gradients are segment sums in plain torch, accumulated in fp32.
 The two directions run inside the `grouped` backend's custom ops (strategy "triton"): one autograd
 style for every fast path. A `torch.autograd.Function` around the kernels computed the right
 forward but all-zero gradients under torch.compile on an H200 (torch 2.11, aot_eager and inductor
-alike), while each kernel op compiled alone matched eager; the custom-op pair is what compiles
-correctly for the other strategies, and now for this one. Only g and u are saved; h = act(g)·u is
-recomputed in the backward (elementwise, cheaper than keeping a third [S, H] tensor).
+alike), while each kernel op compiled alone matched eager; the custom-op pair compiles correctly
+(tested there). Inside the ops the kernels are launched directly (`launch_*`), not through their
+registered ops. Only g and u are saved; h = act(g)·u is recomputed in the backward (elementwise,
+cheaper than keeping a third [S, H] tensor).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -98,47 +98,8 @@ def _backward(dout, x, w_slot, order, token, offsets, g, u, gw, uw, dw, gb, ub, 
     return dx.to(x.dtype), dw_slot, d_gw, d_uw, d_dw, d_gb, d_ub, d_db
 
 
-class _InterpretedExperts(torch.autograd.Function):
-    """The same two directions for the Triton interpreter (TRITON_INTERPRET=1, CPU tests only).
-
-    Interpreted kernels run inside a torch.library custom op left the CPU process's dispatcher
-    state corrupt (segfaults and bad_alloc in later op calls, in most runs of the kernel tests;
-    no kernel load or store was out of bounds), while the identical calls from an autograd.Function
-    never failed. The interpreter is a test vehicle that torch.compile cannot trace anyway, so it
-    gets this wrapper; compiled kernels on a GPU go through the custom ops."""
-
-    @staticmethod
-    def forward(ctx, x, weights, order, token, offsets, gw, uw, dw, gb, ub, db, activation):
-        top_k = weights.shape[-1]
-        w_slot = weights.reshape(-1).float()[order]  # [S]
-        out, g, u = triton_experts_forward(x, w_slot, order, token, offsets, gw, uw, dw, gb, ub, db, activation,
-                                           True, top_k)
-        ctx.save_for_backward(x, weights, order, token, offsets, g, u, gw, uw, dw, gb, ub, db, w_slot)
-        ctx.activation = activation
-        return out.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weights, order, token, offsets, g, u, gw, uw, dw, gb, ub, db, w_slot = ctx.saved_tensors
-        dx, dw_slot, *d_params = triton_experts_backward(
-            dout.contiguous(), x, w_slot, order, token, offsets, g, u, gw, uw, dw, gb, ub, db,
-            ctx.activation, weights.shape[-1],
-        )
-        dweights = torch.empty(order.shape[0], dtype=torch.float32, device=x.device).scatter_(0, order, dw_slot)
-        return (dx, dweights.view(weights.shape).to(weights.dtype), None, None, None, *d_params, None)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def triton_forward(experts: GroupedExperts, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
     """x [T, D], indices [T, K], weights [T, K] -> [T, D]; equals `reference_forward`."""
-    from ..grouped import grouped_forward, plan_routing
+    from ..grouped import grouped_forward
 
-    if not _interpreting():
-        return grouped_forward(experts, x, indices, weights, strategy="triton")
-    plan = plan_routing(indices, experts.num_experts)
-    params = (experts.gate_proj, experts.up_proj, experts.down_proj, experts.gate_bias, experts.up_bias, experts.down_bias)
-    return _InterpretedExperts.apply(x.contiguous(), weights, plan.order, plan.token, plan.offsets, *params,
-                                     experts.activation)
+    return grouped_forward(experts, x, indices, weights, strategy="triton")

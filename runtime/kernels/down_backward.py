@@ -106,8 +106,7 @@ def launch_down_backward(
 
 
 # The registered op, for callers outside our custom ops (torch.compile traces through it); the
-# backend calls `launch_down_backward` directly from inside its own custom ops (ops nested in ops crashed
-# the CPU interpreter).
+# backend calls `launch_down_backward` directly from inside its own custom ops (no second dispatch).
 triton_down_backward = triton_op("upcycle::triton_down_backward", mutates_args=())(launch_down_backward)
 
 

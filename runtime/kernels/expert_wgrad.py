@@ -85,8 +85,7 @@ def launch_expert_wgrad(
 
 
 # The registered op, for callers outside our custom ops (torch.compile traces through it); the
-# backend calls `launch_expert_wgrad` directly from inside its own custom ops (ops nested in ops crashed
-# the CPU interpreter).
+# backend calls `launch_expert_wgrad` directly from inside its own custom ops (no second dispatch).
 triton_expert_wgrad = triton_op("upcycle::triton_expert_wgrad", mutates_args=())(launch_expert_wgrad)
 
 

@@ -124,8 +124,7 @@ def launch_gate_up(
 
 
 # The registered op, for callers outside our custom ops (torch.compile traces through it); the
-# backend calls `launch_gate_up` directly from inside its own custom ops (ops nested in ops crashed
-# the CPU interpreter).
+# backend calls `launch_gate_up` directly from inside its own custom ops (no second dispatch).
 triton_gate_up = triton_op("upcycle::triton_gate_up", mutates_args=())(launch_gate_up)
 
 

@@ -100,8 +100,7 @@ def launch_scatter_gemm(
 
 
 # The registered op, for callers outside our custom ops (torch.compile traces through it); the
-# backend calls `launch_scatter_gemm` directly from inside its own custom ops (ops nested in ops crashed
-# the CPU interpreter).
+# backend calls `launch_scatter_gemm` directly from inside its own custom ops (no second dispatch).
 triton_scatter_gemm = triton_op("upcycle::triton_scatter_gemm", mutates_args=())(launch_scatter_gemm)
 
 
