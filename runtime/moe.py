@@ -57,8 +57,15 @@ class MoELayer(nn.Module):
         self.shared_expert = SharedExpert(config) if config.shared_d_ffn > 0 else None
         self.backend = config.backend
         self.token_mask = None  # [B, S] attention mask of the current model call (token_mask.py)
+        self.track_stats = True  # telemetry buffers updated in training forwards (off: benchmarks)
         self.init_runtime_buffers()
         if config.uses_bias:
+            register_bias_layer(self)
+
+    def __setstate__(self, state):
+        """Unpickled and deep-copied layers join the bias-balancing registry too."""
+        super().__setstate__(state)
+        if self.config.uses_bias:
             register_bias_layer(self)
 
     def init_runtime_buffers(self, device=None) -> None:
@@ -97,13 +104,13 @@ class MoELayer(nn.Module):
             kept = capacity_keep(route.indices, route.probs.gather(1, route.indices), cfg.num_experts,
                                  cfg.capacity_factor, mask)
             weights = weights * kept
-        if self.training:
+        if self.training and (cfg.uses_aux_loss or cfg.z_loss_coef or self.track_stats):
             lb = load_balancing_loss(route.probs, route.indices, cfg.num_experts, mask)
             z = z_loss(route.logits, mask) if cfg.z_loss_coef else lb.new_zeros(())
             loss = (cfg.aux_loss_coef * lb if cfg.uses_aux_loss else lb.new_zeros(())) + cfg.z_loss_coef * z
             if torch.is_grad_enabled() and (cfg.uses_aux_loss or cfg.z_loss_coef):
                 weights = attach_aux_loss(weights, loss, self.aux_loss_scale)
-            if not recomputing():
+            if self.track_stats and not recomputing():
                 accumulate(self, route.indices, route.probs, kept, mask, lb, z)
                 self.last_aux_loss.copy_(loss.detach())
         run_experts = resolve_backend(self.backend, tokens.device)

@@ -9,7 +9,7 @@ when the model is cast (`model.to(torch.bfloat16)`, `.half()`).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -43,10 +43,8 @@ class TopKRouter(nn.Module):
         self.router_type = router_type
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=torch.float32))  # [N, D]
         self.bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32)) if bias else None
-        if expert_bias:  # learned by the balancing rule, not by gradients: a persistent buffer
-            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
-        else:
-            self.expert_bias: Optional[torch.Tensor] = None
+        # learned by the balancing rule, not by gradients: a persistent buffer (None: not used)
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32) if expert_bias else None)
         nn.init.normal_(self.weight, std=0.02)
 
     def _apply(self, fn, recurse=True):

@@ -252,8 +252,9 @@ def test_export_trains_with_the_same_router_pressure(spec, tmp_path):
 def test_export_refuses_a_trained_routing_bias(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        moe = compile_upcycle(_llama(layers=2), _spec(4, 1, 2, "topk_then_softmax",
-                                                       router={"type": "topk_then_softmax", "balancing": "bias"}))
+        spec = _spec(4, 1, 2, "topk_then_softmax")
+        spec["router"]["balancing"] = "bias"
+        moe = compile_upcycle(_llama(layers=2), spec)
     assert hf_export_plan(moe)["target"] == "mixtral"  # an untouched (zero) bias exports
     with torch.no_grad():
         moe.model.layers[1].mlp.router.expert_bias[0] = 0.01
