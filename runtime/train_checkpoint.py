@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -93,7 +94,9 @@ def save_training_checkpoint(path, model: nn.Module, optimizer, *, step: int, da
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(_state(model, optimizer, scheduler, step, data_position), checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.save(_state(model, optimizer, scheduler, step, data_position), checkpoint_id=str(tmp))
     _barrier()
     if _rank() == 0:
         shutil.rmtree(path, ignore_errors=True)
@@ -118,7 +121,9 @@ def load_training_checkpoint(path, model: nn.Module, optimizer, scheduler=None) 
         state.pop("rng")
     if scheduler is not None and not any(k.startswith("scheduler.") for k in saved_keys):
         state.pop("scheduler")
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if "rng" in state:
         torch.set_rng_state(state["rng"][f"rank{_rank()}"])
@@ -140,7 +145,9 @@ def load_model_weights(path, model: nn.Module) -> nn.Module:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
     return model
 
