@@ -78,6 +78,16 @@ def apply_checkpointing(block: nn.Module) -> None:
         block.forward = _CheckpointedForward(block.forward)
 
 
+class _Divide:
+    """Gradient hook dividing by the data-parallel degree (picklable, unlike a lambda)."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def __call__(self, grad):
+        return grad / self.factor
+
+
 @dataclass(frozen=True)
 class ParallelPlan:
     """What `parallelize` did, for logs."""
@@ -86,6 +96,7 @@ class ParallelPlan:
     checkpointing: bool
     compiled: bool
     sharded: bool
+    expert_parallel: bool
     param_dtype: Optional[torch.dtype]
     reduce_dtype: Optional[torch.dtype]
 
@@ -99,12 +110,29 @@ def parallelize(
     param_dtype: Optional[torch.dtype] = torch.bfloat16,
     reduce_dtype: Optional[torch.dtype] = torch.float32,
     reshard_after_forward: bool = True,
+    ep_mesh=None,
 ) -> nn.Module:
-    """Apply checkpointing / per-block compile / FSDP2 (when `mesh` is given) in place; returns
-    the model, with `model.parallel_plan` describing what was applied."""
+    """Apply expert parallelism (when `ep_mesh` is given) / checkpointing / per-block compile /
+    FSDP2 (when `mesh` is given) in place; returns the model, with `model.parallel_plan`
+    describing what was applied.
+
+    With both meshes (EP x FSDP, e.g. the same ranks for both), the experts are sharded over
+    `ep_mesh` only; FSDP shards everything else over `mesh`, and the expert gradients (each the sum
+    over every rank's tokens) are divided by `mesh`'s size, as FSDP averages the rest."""
     blocks = find_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__}: no MoE layer found; nothing to parallelize")
+    ignored = None
+    if ep_mesh is not None:
+        from .expert_parallel import expert_params, shard_experts_
+        from .moe import MoELayer
+
+        for layer in [m for m in model.modules() if isinstance(m, MoELayer)]:
+            shard_experts_(layer, ep_mesh)
+        ignored = set(expert_params(model))
+        if mesh is not None and mesh.size() > 1:
+            for p in ignored:
+                p.register_hook(_Divide(float(mesh.size())))
     mp = None
     if mesh is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -122,10 +150,12 @@ def parallelize(
             fp32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=reduce_dtype)
             for layer in [m for m in block.modules() if isinstance(m, MoELayer)]:
                 fully_shard(layer.router, mesh=mesh, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                        ignored_params=ignored)
     if mesh is not None:
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    model.parallel_plan = ParallelPlan(len(blocks), checkpointing, compile, mesh is not None,
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                    ignored_params=ignored)
+    model.parallel_plan = ParallelPlan(len(blocks), checkpointing, compile, mesh is not None, ep_mesh is not None,
                                        param_dtype if mesh is not None else None,
                                        reduce_dtype if mesh is not None else None)
     return model

@@ -15,6 +15,7 @@ from .activations import get_activation
 from .config import MoEConfig
 from .dispatch import resolve_backend
 from .experts import GroupedExperts
+from .expert_parallel import ep_forward
 from .balancing import register_bias_layer
 from .capacity import capacity_keep
 from .losses import attach_aux_loss, load_balancing_loss, z_loss
@@ -58,6 +59,7 @@ class MoELayer(nn.Module):
         self.backend = config.backend
         self.token_mask = None  # [B, S] attention mask of the current model call (token_mask.py)
         self.track_stats = True  # telemetry buffers updated in training forwards (off: benchmarks)
+        self.ep = None  # expert-parallel state (expert_parallel.py) when experts are sharded over ranks
         self.init_runtime_buffers()
         if config.uses_bias:
             register_bias_layer(self)
@@ -114,7 +116,10 @@ class MoELayer(nn.Module):
                 accumulate(self, route.indices, route.probs, kept, mask, lb, z)
                 self.last_aux_loss.copy_(loss.detach())
         run_experts = resolve_backend(self.backend, tokens.device)
-        out = run_experts(self.experts, tokens, route.indices, weights)  # [tokens, D]
+        if self.ep is not None:
+            out = ep_forward(self, tokens, route.indices, weights, run_experts)  # [tokens, D]
+        else:
+            out = run_experts(self.experts, tokens, route.indices, weights)  # [tokens, D]
         if self.shared_expert is not None:
             out = out + self.config.shared_scale * self.shared_expert(tokens)
         return out.reshape(shape)

@@ -100,7 +100,7 @@ def scenario_fsdp(args, rank, world):
     return {"losses": losses, "params": full_params(model), "sharded": sharded, "local_numel": local}
 
 
-def _setup(world, model=None):
+def _setup(world, model=None, ep=False):
     from upcycle.runtime.distributed import parallelize
 
     model = model or tiny_upcycled()
@@ -109,7 +109,7 @@ def _setup(world, model=None):
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (world,))
-    parallelize(model, mesh, param_dtype=None)
+    parallelize(model, mesh, param_dtype=None, ep_mesh=mesh if ep else None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + s))
     return model, opt, sched
@@ -119,7 +119,7 @@ def scenario_dcp_save(args, rank, world):
     """K steps, checkpoint, then M more steps (the uninterrupted continuation)."""
     from upcycle.runtime.train_checkpoint import save_training_checkpoint
 
-    model, opt, sched = _setup(world)
+    model, opt, sched = _setup(world, ep=args.ep)
     first = train(model, args.steps, world, rank, opt=opt, sched=sched)
     save_training_checkpoint(os.path.join(args.out, f"ckpt-w{world}"), model, opt, scheduler=sched,
                              step=args.steps, data_position=args.steps * GLOBAL_BATCH)
@@ -131,10 +131,62 @@ def scenario_dcp_resume(args, rank, world):
     """Load the checkpoint written by another world size and continue M steps."""
     from upcycle.runtime.train_checkpoint import load_training_checkpoint
 
-    model, opt, sched = _setup(world)
+    model, opt, sched = _setup(world, ep=args.ep)
     progress = load_training_checkpoint(os.path.join(args.out, f"ckpt-w{args.from_world}"), model, opt, sched)
     cont = train(model, args.steps, world, rank, opt=opt, sched=sched, start=progress["step"])
     return {"cont": cont, "progress": progress, "lr": opt.param_groups[0]["lr"]}
+
+
+def scenario_ep_layer(args, rank, world):
+    """One MoE layer, experts split over the ranks, skewed routing and an expert with no tokens;
+    the reference runs the full layer on both ranks' tokens (computed on every rank)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from upcycle.runtime import MoEConfig, build_moe
+    from upcycle.runtime.expert_parallel import shard_experts_
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=16, d_expert=24, num_experts=8, top_k=2, gated=True, activation="silu",
+                    first_bias=True, output_bias=True, backend=args.backend, balancing="none")  # task grads only
+    ref = build_moe(cfg).train()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+        ref.router.weight[:3] += 0.6  # experts 0-2 (rank 0's block) favoured: skewed traffic
+        ref.router.weight[5] = -5.0  # expert 5 never chosen
+    xs = [torch.randn(7 + 5 * r, 16, generator=torch.Generator().manual_seed(10 + r)) + 0.4 for r in range(world)]
+    gs = [torch.randn(x.shape, generator=torch.Generator().manual_seed(20 + r)) for r, x in enumerate(xs)]
+    import copy
+
+    layer = copy.deepcopy(ref)
+    x_all = torch.cat(xs).requires_grad_()
+    (ref(x_all) * torch.cat(gs)).sum().backward()
+    shard_experts_(layer, init_device_mesh("cpu", (world,)))
+    x = xs[rank].clone().requires_grad_()
+    out = layer(x)
+    (out * gs[rank]).sum().backward()
+    router_grad = layer.router.weight.grad.clone()
+    dist.all_reduce(router_grad)
+    rows = slice(sum(t.shape[0] for t in xs[:rank]), sum(t.shape[0] for t in xs[:rank + 1]))
+    local = {n: p.grad.to_local() for n, p in layer.experts.named_parameters()}
+    e0, e1 = layer.ep.first, layer.ep.first + layer.ep.num_local
+    want = {n: p.grad[e0:e1] for n, p in ref.experts.named_parameters()}
+    return {"out": out.detach(), "out_ref": ref(x_all)[rows].detach(), "dx": x.grad, "dx_ref": x_all.grad[rows],
+            "router": router_grad, "router_ref": ref.router.weight.grad, "experts": local, "experts_ref": want}
+
+
+def scenario_ep_fsdp(args, rank, world):
+    """A tiny upcycled Llama with experts split over the ranks and FSDP over the same ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from upcycle.runtime.distributed import parallelize
+
+    model = tiny_upcycled()
+    if world > 1:
+        mesh = init_device_mesh("cpu", (world,))
+        parallelize(model, mesh, ep_mesh=mesh, param_dtype=None)
+    losses = train(model, args.steps, world, rank)
+    return {"losses": losses, "params": full_params(model)}
 
 
 def main() -> int:
@@ -145,6 +197,8 @@ def main() -> int:
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--from-world", type=int, default=2)
+    ap.add_argument("--backend", default="grouped")
+    ap.add_argument("--ep", action="store_true", help="experts split over the ranks (with FSDP)")
     args = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -72,4 +72,37 @@ def test_dcp_checkpoint_resumes_on_another_world_size(tmp_path, saved, resumed):
     for r in resumed_runs:
         assert r["progress"] == {"step": 3, "data_position": 12}
         _close(r["cont"], saver[0]["cont"])
-    assert resumed_runs[0]["lr"] == pytest.approx(1e-2 / 4)  # the scheduler resumed at step 3
+    assert resumed_runs[0]["lr"] == pytest.approx(1e-2 / 7)  # the scheduler resumed at step 3, then 3 more
+
+
+@pytest.mark.parametrize("backend", ["grouped", "reference"])
+def test_expert_parallel_layer_equals_the_single_process_layer(tmp_path, backend):
+    """EP = 2: each rank holds 4 of 8 experts; skewed routing (rank 0's experts favoured), experts
+    with no tokens; forward rows, input gradients, the summed router gradient and each rank's expert
+    gradients equal the full layer's on both ranks' tokens (task loss only)."""
+    runs = _run(2, "ep_layer", tmp_path, "--backend", backend)
+    for r in runs:
+        _close(r["out"], r["out_ref"], 1e-6)
+        _close(r["dx"], r["dx_ref"], 1e-6)
+        _close(r["router"], r["router_ref"], 1e-6)
+        _close(r["experts"], r["experts_ref"], 1e-6)
+    idle = [float(g.abs().sum()) == 0.0 for r in runs for g in r["experts"]["up_proj"]]
+    assert any(idle) and not all(idle)  # some experts got no tokens at all
+
+
+def test_expert_parallel_with_fsdp_matches_one_process(tmp_path):
+    """EP x FSDP on the same 2 ranks. Losses equal to 1e-6; parameters to 1e-3 relative: expert
+    gradients are summed over ranks then divided (the reference averages micro-batches), and
+    AdamW's normalisation magnifies the last-bit differences of near-zero gradients."""
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    two = _run(2, "ep_fsdp", tmp_path / "two")
+    one = _run(1, "ep_fsdp", tmp_path / "one")
+    _close(two[0]["losses"], one[0]["losses"])
+    _close(two[0]["params"], one[0]["params"], 1e-3)
+
+
+def test_expert_parallel_checkpoint_resumes_in_one_process(tmp_path):
+    saver = _run(2, "dcp_save", tmp_path, "--ep")
+    resumed = _run(1, "dcp_resume", tmp_path, "--from-world", "2")
+    _close(resumed[0]["cont"], saver[0]["cont"])
