@@ -21,6 +21,7 @@ from upcycle.passes.mlp_subgraph import mlp_function
 from upcycle.passes.rewrite import RewriteRecord, linear_paths, rewrite_mlps
 from upcycle.passes.verify import LayerCheck, ProbeCapture, check_layer, compare
 from upcycle.passes.weight_mapping import (
+    DenseMLPWeights,
     Scaling,
     expected_exact,
     expert_weights,
@@ -168,6 +169,32 @@ def _lm_loss(logits: torch.Tensor, probe) -> float | None:
     return float(loss)
 
 
+def moe_from_dense(dense: DenseMLPWeights, activation: str, spec: UpcycleSpec, scale: Scaling, index: int, *,
+                   calib: torch.Tensor | None = None, where: str = "", structure_only: bool = False) -> MoELayer:
+    """The MoE layer that replaces one dense MLP (the `index`-th MLP of the model): config from the
+    MLP's shape and the spec, expert weights by virtual-group mapping and scaling, router rows,
+    shared expert, all seeded by (spec.seed, index). `structure_only`: uninitialised weights."""
+    cfg = moe_config_for(dense.gate is not None, activation, dense.d_model, dense.d_ffn,
+                         dense.up_bias is not None, dense.down_bias is not None, spec)
+    with torch.device("meta"):
+        moe = MoELayer(cfg)
+    if structure_only:
+        moe = moe.to_empty(device=dense.up.device).to(dense.up.dtype)
+        moe.init_runtime_buffers(dense.up.device)
+        return moe
+    g = torch.Generator().manual_seed(spec.seed * 100_003 + index)
+    state = {f"experts.{k}": v for k, v in expert_weights(dense, spec, scale, g).items()}
+    # the router stays fp32 whatever the model dtype (router.py: routing decisions in fp32)
+    state["router.weight"] = router_init(spec, dense.d_model, g, inputs=calib, where=where).to(torch.float32)
+    if cfg.uses_bias:
+        state["router.expert_bias"] = torch.zeros(cfg.num_experts, dtype=torch.float32)
+    if cfg.shared_d_ffn:
+        state.update({f"shared_expert.{k}": v for k, v in shared_expert_weights(dense, spec).items()})
+    moe.load_state_dict(state, assign=True, strict=True)
+    moe.init_runtime_buffers(dense.up.device)
+    return moe.to(dense.up.device)
+
+
 class MoEBuilder:
     """The rewrite's callback: dense MLP (in its traced unit) → initialised MoE layer, verified."""
 
@@ -183,28 +210,10 @@ class MoEBuilder:
 
     def moe_for(self, match: MLPMatch, unit: fx.GraphModule, scale: Scaling, index: int, structure_only: bool = False) -> MoELayer:
         dense = extract_dense_weights(match, unit)
-        cfg = moe_config_for(match.gated, match.activation, match.d_model, match.d_ffn,
-                             dense.up_bias is not None, dense.down_bias is not None, self.spec)
-        with torch.device("meta"):
-            moe = MoELayer(cfg)
-        if structure_only:
-            moe = moe.to_empty(device=dense.up.device).to(dense.up.dtype)
-            moe.init_runtime_buffers(dense.up.device)
-            return moe
-        g = torch.Generator().manual_seed(self.spec.seed * 100_003 + index)
-        state = {f"experts.{k}": v for k, v in expert_weights(dense, self.spec, scale, g).items()}
         key = linear_paths(match)
         calib = self.capture.inputs.get(key) if self.capture is not None and self.spec.router.init == "kmeans" else None
-        # the router stays fp32 whatever the model dtype (router.py: routing decisions in fp32)
-        state["router.weight"] = router_init(self.spec, match.d_model, g, inputs=calib,
-                                             where=self.path_of.get(key, "")).to(torch.float32)
-        if cfg.uses_bias:
-            state["router.expert_bias"] = torch.zeros(cfg.num_experts, dtype=torch.float32)
-        if cfg.shared_d_ffn:
-            state.update({f"shared_expert.{k}": v for k, v in shared_expert_weights(dense, self.spec).items()})
-        moe.load_state_dict(state, assign=True, strict=True)
-        moe.init_runtime_buffers(dense.up.device)
-        return moe.to(dense.up.device)
+        return moe_from_dense(dense, match.activation, self.spec, scale, index, calib=calib,
+                              where=self.path_of.get(key, ""), structure_only=structure_only)
 
     def __call__(self, match: MLPMatch, unit: fx.GraphModule) -> MoELayer:
         key = linear_paths(match)

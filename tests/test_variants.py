@@ -17,7 +17,7 @@ from upcycle.passes.weight_mapping import (
     shared_expert_weights,
     spherical_kmeans,
 )
-from upcycle.runtime import MoEConfig, MoELayer, build_moe
+from upcycle.runtime import MoELayer
 from upcycle.runtime.activations import get_activation
 from upcycle.specs import SpecError, load_spec
 
@@ -41,21 +41,12 @@ def _dense_forward(w, act, x):
     return h @ w.down.T + (0 if w.down_bias is None else w.down_bias)
 
 
-def _moe(w, s, act="silu", seed=1):
-    """The layer the compiler builds (MoEBuilder.moe_for) from dense weights, without a model."""
-    gated = w.gate is not None
-    ex = s.experts
-    cfg = MoEConfig(d_model=w.d_model, d_expert=w.d_ffn // ex.granularity, num_experts=ex.num_experts, top_k=ex.top_k,
-                    gated=gated, activation=act, router_type=s.router.type, first_bias=w.up_bias is not None,
-                    output_bias=w.down_bias is not None, backend="reference",
-                    shared_d_ffn=ex.shared_experts * (w.d_ffn // ex.granularity))
-    moe = build_moe(cfg)
-    g = torch.Generator().manual_seed(seed)
-    state = {f"experts.{k}": v for k, v in expert_weights(w, s, plan_scaling(s, act, gated), g).items()}
-    state["router.weight"] = router_init(s, w.d_model, g)
-    if ex.shared_experts:
-        state.update({f"shared_expert.{k}": v for k, v in shared_expert_weights(w, s).items()})
-    moe.load_state_dict(state, strict=True)
+def _moe(w, s, act="silu"):
+    """The compiler's own builder (compiler.pipeline.moe_from_dense), on the reference expert loop."""
+    from upcycle.compiler.pipeline import moe_from_dense
+
+    moe = moe_from_dense(w, act, s, plan_scaling(s, act, w.gate is not None), index=0)
+    moe.backend = "reference"
     return moe.eval()
 
 

@@ -13,7 +13,7 @@ from upcycle.passes.weight_mapping import (
     router_init,
     scaling_factor,
 )
-from upcycle.runtime import MoEConfig, build_moe
+
 from upcycle.specs import load_spec
 
 
@@ -106,16 +106,11 @@ def test_experts_sharing_a_router_row_hold_each_shard_once(gated, bias):
 
 
 def _moe_from(w, s, act, scale=None):
-    gated = w.gate is not None
-    scale = scale or plan_scaling(s, act, gated)
-    cfg = MoEConfig(d_model=w.d_model, d_expert=w.d_ffn // s.experts.granularity, num_experts=s.experts.num_experts,
-                    top_k=s.experts.top_k, gated=gated, activation=act, router_type=s.router.type,
-                    first_bias=w.up_bias is not None, output_bias=w.down_bias is not None, backend="reference")
-    moe = build_moe(cfg)
-    g = torch.Generator().manual_seed(1)
-    state = {f"experts.{k}": v for k, v in expert_weights(w, s, scale, g).items()}
-    state["router.weight"] = router_init(s, w.d_model, g)
-    moe.load_state_dict(state)
+    """The compiler's own builder (compiler.pipeline.moe_from_dense), on the reference expert loop."""
+    from upcycle.compiler.pipeline import moe_from_dense
+
+    moe = moe_from_dense(w, act, s, scale or plan_scaling(s, act, w.gate is not None), index=0)
+    moe.backend = "reference"
     return moe.eval()
 
 
@@ -134,20 +129,36 @@ def test_exact_cases_equal_dense(act, gated, bias, e, g):
 
 
 def test_homogeneous_split_is_exact_for_softmax_then_topk_uniform_router():
-    """With a zero router (uniform probabilities), scaling restores the dense output exactly."""
+    """With a zero router every probability is 1/N; with T = N every expert is kept, and with
+    a = E·G²/T = G (ReLU passes the scale through): Σ_e (1/N)·a·shard_e = (G/N)·E·dense = dense,
+    since each of the E copies' G shards sum to the dense MLP."""
     w = dense(gated=True)
-    s = spec(4, 4, 4)
-    moe = _moe_from(w, s, "relu")
-    with torch.no_grad():
-        moe.router.weight.zero_()
-    x = torch.randn(16, w.d_model)
-    # uniform probabilities 1/16; topk ties between groups make the kept set arbitrary shards, so
-    # use T = N (every expert kept): Σ_e (1/N)·a·shard = (a·E/N)·dense with a = E·G²/T = G... check a·E·G/N·(1/G)
     s_all = spec(4, 4, 16)
     moe = _moe_from(w, s_all, "relu")
+    x = torch.randn(16, w.d_model)
     with torch.no_grad():
         moe.router.weight.zero_()
         torch.testing.assert_close(moe(x), dense_forward(w, torch.relu, x), atol=1e-5, rtol=1e-5)
+
+
+def test_softmax_then_topk_keeps_one_virtual_group_scaled_by_its_probability():
+    """T = G < N exercises the top-k choice: with virtual-group rows every token keeps one whole
+    group (G identical probabilities p), so for a homogeneous activation the layer is a·p(x)·dense(x)
+    — the scaling factor a multiplied by the kept probability, per token."""
+    w = dense(gated=True)
+    s = spec(4, 4, 4)  # N = 16, T = 4 = G
+    moe = _moe_from(w, s, "relu")
+    with torch.no_grad():
+        moe.router.weight.mul_(40.0)  # decisive routing: different tokens pick different groups
+        x = torch.randn(32, w.d_model)
+        route = moe.router(x)
+        groups = torch.div(route.indices, 4, rounding_mode="floor")
+        assert (groups == groups[:, :1]).all()  # one whole group per token ...
+        assert groups[:, 0].unique().numel() > 1  # ... not the same one for every token
+        p = route.weights[:, :1]  # [tokens, 1]: the group's members share one probability
+        torch.testing.assert_close(route.weights, p.expand(-1, 4))
+        a = plan_scaling(s, "relu", True).factor
+        torch.testing.assert_close(moe(x), a * p * dense_forward(w, torch.relu, x), atol=1e-5, rtol=1e-4)
 
 
 def test_auto_scaling_beats_none():
