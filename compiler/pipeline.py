@@ -133,11 +133,16 @@ def _probe_model(model: nn.Module, spec: UpcycleSpec, example_inputs) -> tuple[t
         if isinstance(example_inputs, dict):
             return (), example_inputs
         return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,), {}
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and vocab > 0:
         g = torch.Generator().manual_seed(spec.seed)
         seq = max(spec.verify.probe_tokens // 2, 1)
-        ids = torch.randint(0, vocab, (2, seq), generator=g)
+        limits = [getattr(config, a, None) for a in ("max_position_embeddings", "n_positions", "max_seq_len")]
+        limits = [v for v in limits if isinstance(v, int) and v > 0]
+        seq = min([seq] + limits)  # learned position tables end somewhere: respect the model's limit
+        batch = max(2, -(-spec.verify.probe_tokens // seq))  # about probe_tokens tokens in all
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
         device = next(model.parameters()).device
         probe = {"input_ids": ids.to(device)}
         if getattr(model.config, "is_encoder_decoder", False):  # T5, BART: the decoder needs its own ids
@@ -291,6 +296,15 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool
             try:
                 with torch.no_grad():
                     dense_logits = _model_output(model, probe)
+            except Exception as exc:  # the model's own error, deep inside its forward
+                if example_inputs is not None:
+                    raise
+                shape = tuple(probe[1]["input_ids"].shape) if "input_ids" in probe[1] else "?"
+                raise ModelError(
+                    f"{type(model).__name__}: the verification probe (random token ids of shape {shape}) failed "
+                    f"inside the model: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; pass "
+                    "example_inputs= to compile_upcycle, or set verify.enabled: false"
+                ) from exc
             finally:
                 capture.remove()
 

@@ -237,7 +237,7 @@ def expert_weights(dense: DenseMLPWeights, spec: UpcycleSpec, scale: Scaling, ge
     out["down_proj"] = shard_rows(down, g)[s:].transpose(1, 2).repeat(e, 1, 1)  # [N, D, H]
     n = out["down_proj"].shape[0]
     if dense.down_bias is not None and s:
-        out["down_bias"] = torch.zeros(n, d)  # the shared expert adds the whole bias, exactly
+        out["down_bias"] = dense.down_bias.new_zeros(n, d)  # the shared expert adds the whole bias, exactly
     elif dense.down_bias is not None:
         # every expert carries a/G of the bias, so a whole virtual group (G shards) adds it once
         out["down_bias"] = (dense.down_bias.float() * scale.factor / g).expand(n, d).clone()  # [N, D]

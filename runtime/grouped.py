@@ -268,7 +268,10 @@ def _gmm_wgrad(a: Tensor, b: Tensor, seg: _Segments, strategy: str) -> Tensor:
     """a [S, P], b [S, Q] -> [N, P, Q]: per expert a_eᵀ @ b_e (zero for empty experts)."""
     at = a.t()
     if strategy == "grouped_mm" and _aligned(at) and _aligned(b):
-        return torch._grouped_mm(at, b, seg.offsets32)
+        out = torch._grouped_mm(at, b, seg.offsets32)  # [N, P, Q]
+        # experts without rows: not every platform's kernel writes them, so zero them here
+        counts = seg.offsets32 - torch.cat([seg.offsets32.new_zeros(1), seg.offsets32[:-1]])
+        return out.masked_fill_((counts == 0)[:, None, None], 0)
     if strategy == "grouped_mm":
         seg = seg if seg.pos is not None else _make_segments(seg.offsets32.long(), a.shape[0], True)
     n = seg.offsets32.shape[0]
@@ -277,6 +280,13 @@ def _gmm_wgrad(a: Tensor, b: Tensor, seg: _Segments, strategy: str) -> Tensor:
     pb = b.new_zeros(n, seg.capacity, b.shape[1])
     pb[seg.expert, seg.pos] = b
     return torch.bmm(pa.transpose(1, 2), pb)  # [N, P, Q]
+
+
+def _segment_sum(bias: Tensor, expert: Tensor, rows: Tensor) -> Tensor:
+    """Bias gradient: Σ over each expert's rows [S, H], accumulated in fp32 (bf16 sums of
+    thousands of rows lose the small terms), returned in the bias dtype."""
+    acc = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+    return acc.index_add_(0, expert, rows.float()).to(bias.dtype)
 
 
 def _whole_forward(x, w_slot, token, offsets, gw, uw, dw, gb, ub, db, activation, save, strategy):
@@ -332,12 +342,12 @@ def _whole_backward(dout, x, w_slot, token, offsets, g, u, gw, uw, dw, gb, ub, d
     xs = x.index_select(0, token)
     dxs = _gmm(du, uw, seg, strategy)  # [S, D]
     d_uw = _gmm_wgrad(du, xs, seg, strategy)  # [N, H, D]
-    d_ub = None if ub is None else torch.zeros_like(ub).index_add_(0, seg.expert, du)
+    d_ub = None if ub is None else _segment_sum(ub, seg.expert, du)
     d_gw = d_gb = None
     if gw is not None:
         dxs = dxs + _gmm(dg, gw, seg, strategy)
         d_gw = _gmm_wgrad(dg, xs, seg, strategy)
-        d_gb = None if gb is None else torch.zeros_like(gb).index_add_(0, seg.expert, dg)
+        d_gb = None if gb is None else _segment_sum(gb, seg.expert, dg)
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, dxs.float())
     return dx.to(dtype), dw_slot, d_gw, d_uw, d_dw, d_gb, d_ub, d_db
 
@@ -360,7 +370,7 @@ def grouped_experts_op(
     token = torch.div(order, k, rounding_mode="floor")
     w_slot = weights.reshape(-1).float()[order]  # [S]
     args = (x, w_slot, token, offsets, gate_w, up_w, down_w, gate_b, up_b, down_b, activation, save)
-    strategy = resolve_strategy(strategy, x.device, x.dtype)
+    strategy = avoid_wasteful_padding(resolve_strategy(strategy, x.device, x.dtype), offsets, order.shape[0])
     if strategy == "triton":
         from .kernels.backend import triton_experts_forward
 
@@ -396,7 +406,7 @@ def grouped_experts_backward_op(
     w_slot = weights.reshape(-1).float()[order]
     dout = dout.contiguous()
     args = (dout, x, w_slot, token, offsets, gate_pre, up_pre, gate_w, up_w, down_w, gate_b, up_b, down_b, activation)
-    strategy = resolve_strategy(strategy, x.device, x.dtype)
+    strategy = avoid_wasteful_padding(resolve_strategy(strategy, x.device, x.dtype), offsets, order.shape[0])
     if strategy == "triton":
         from .kernels.backend import triton_experts_backward
 
@@ -455,6 +465,19 @@ grouped_experts_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --- the backend -------------------------------------------------------------------------------
+
+PADDED_MAX_WASTE = 4  # padded buffers may hold at most this many times the rows they carry
+
+
+def avoid_wasteful_padding(strategy: str, offsets: Tensor, num_rows: int) -> str:
+    """`padded` allocates N × (largest segment) rows: under skewed routing (one hot expert) that
+    is up to N times the rows routed. Past PADDED_MAX_WASTE times, use `loop` instead (same result;
+    the host read of the counts is the one `padded` makes anyway)."""
+    if strategy != "padded" or num_rows == 0:
+        return strategy
+    counts = offsets - torch.cat([offsets.new_zeros(1), offsets[:-1]])
+    return "loop" if int(counts.max()) * offsets.shape[0] > PADDED_MAX_WASTE * num_rows else strategy
+
 
 def resolve_strategy(strategy: str, device: torch.device, dtype: torch.dtype) -> str:
     """`auto`: `loop` on CPU; elsewhere `grouped_mm` where it runs for the dtype, else `padded`.

@@ -155,3 +155,37 @@ def test_granularity_must_divide_dffn(tiny_llama):
 def test_structure_only_replays_rewrite(tiny_llama):
     result = upcycle_model(tiny_llama, "e8g8t8", structure_only=True)
     assert len(moe_layers(result.model)) == 2 and result.report.layers == []
+
+
+def test_probe_respects_short_position_tables():
+    """OPT / BERT configs with 64 positions: the default probe must fit the position table."""
+    from transformers import BertConfig, BertModel, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                   vocab_size=96, max_position_embeddings=64, word_embed_proj_dim=32)).eval()
+    bert = BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                vocab_size=96, max_position_embeddings=64)).eval()
+    for model in (opt, bert):
+        moe, report = compile_upcycle(model, "e8g1t2", return_report=True)
+        assert moe_layers(moe) and report.model_rel_error is not None  # the whole-model probe ran
+
+
+def test_failing_probe_is_one_clear_error():
+    class Broken(nn.Module):
+        """8 learned positions and no config field saying so: random 128-token probes fail."""
+
+        def __init__(self):
+            super().__init__()
+            self.config = type("Cfg", (), {"vocab_size": 50})()
+            self.embed, self.pos = nn.Embedding(50, 16), nn.Embedding(8, 16)
+            self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, input_ids):
+            h = self.embed(input_ids) + self.pos(torch.arange(input_ids.shape[1]))
+            return self.down(torch.relu(self.up(h)))
+
+    with pytest.raises(ModelError, match=r"verification probe .* failed inside the model: IndexError.*example_inputs="):
+        compile_upcycle(Broken(), "e8g1t2")
+    moe = compile_upcycle(Broken(), "e8g1t2", example_inputs={"input_ids": torch.randint(0, 50, (2, 8))})
+    assert moe_layers(moe)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import pytest
 import torch
@@ -414,13 +415,14 @@ def test_pass_pipeline_logs_decisions_and_timings():
         return [("", "looked at the root"), ("a.b", "decided x")]
 
     def second(ctx):
+        time.sleep(0.05)  # the log must time the pass itself
         return [("a.b", f"saw {ctx.options['seen']}")]
 
     p = PassPipeline([FunctionPass("first", first), FunctionPass("second", second, kind="transform")])
     p.run(PassContext(nn.Linear(2, 2)))
     assert [(log.name, log.kind) for log in p.logs] == [("first", "analysis"), ("second", "transform")]
     assert p.logs[0].decisions == [("<root>", "looked at the root"), ("a.b", "decided x")]
-    assert all(log.seconds >= 0 for log in p.logs)
+    assert p.logs[1].seconds >= 0.05 > p.logs[0].seconds
     text = explain(p.logs)
     assert "pipeline: first (analysis) -> second (transform)" in text and "a.b: saw 1" in text
 
