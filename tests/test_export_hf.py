@@ -260,3 +260,36 @@ def test_export_refuses_a_trained_routing_bias(tmp_path):
         moe.model.layers[1].mlp.router.expert_bias[0] = 0.01
     with pytest.raises(ExportError, match="model.layers.1.mlp routes with a trained aux-loss-free bias"):
         hf_export_plan(moe)
+
+
+@pytest.mark.parametrize("spec", [_spec(4, 1, 2, "topk_then_softmax"), _spec(4, 2, 2, "softmax_then_topk"),
+                                  _spec(4, 2, 2, "softmax_then_topk", layers=[1])],
+                         ids=["mixtral", "qwen2_moe", "qwen2_moe_mixed"])
+def test_export_and_native_save_keep_expert_and_router_order(spec, tmp_path):
+    """Experts and router rows made distinct by index (tests/_perturb.py): an exporter or saver that
+    reorders them changes the logits."""
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    import upcycle
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _perturb import perturb_by_index
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moe = perturb_by_index(compile_upcycle(_llama(layers=2), spec)).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(export_hf(moe, tmp_path / "hf", spec=spec)), dtype=torch.float32).eval()
+    upcycle.save(moe, tmp_path / "native", spec=spec)
+    native = upcycle.load(tmp_path / "native").eval()
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = moe(input_ids=ids).logits
+        torch.testing.assert_close(hf(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(native(input_ids=ids).logits, want, rtol=0, atol=0)
+        # the perturbation is visible: swapping two experts changes the output
+        layer = moe.model.layers[1].mlp
+        layer.experts.up_proj[[0, 1]] = layer.experts.up_proj[[1, 0]].clone()
+        assert (moe(input_ids=ids).logits - want).abs().max() > 1e-4
