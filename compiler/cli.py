@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="upcycle-compile",
         description="Upcycle a dense transformer into a Mixture-of-Experts model from a YAML spec.",
     )
-    p.add_argument("spec", help="spec YAML file, or a preset name (e8g8t8, e8g1t2, e8g1t2-topk-then-softmax, ...)")
-    p.add_argument("model", help="transformers model directory (sharded or not), a .safetensors or .pt state dict with "
+    p.add_argument("spec", nargs="?", help="spec YAML file, or a preset name (e8g8t8, e8g1t2, e8g1t2-topk-then-softmax, ...)")
+    p.add_argument("model", nargs="?", help="transformers model directory (sharded or not), a .safetensors or .pt state dict with "
                    "config.json beside it (or --config), a .gguf file, a torch.export program (.pt2), or a pickled "
                    "module (needs --trust-pickle)")
     p.add_argument("-o", "--output", help="output folder (weights, resolved spec, report, manifest)")
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output format: native (upcycle folder, any architecture) or hf (a Mixtral / Qwen2-MoE "
                         "checkpoint that transformers loads without custom code; Llama, Mistral, Qwen2 sources)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--print-schema", action="store_true", help="print the spec's JSON Schema (for editors) and exit")
     return p
 
 
@@ -64,7 +65,15 @@ def run(argv: list[str] | None = None) -> int:
     from .plan import render_plan
     from .saving import save
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.print_schema:
+        from upcycle.specs.json_schema import dumps
+
+        print(dumps())
+        return 0
+    if args.spec is None or args.model is None:
+        return _fail("give a SPEC (file or preset) and a MODEL (see --help)", EXIT_USER_ERROR)
     if args.no_progress:  # transformers' own loading bars too
         try:
             from transformers.utils import logging as hf_logging

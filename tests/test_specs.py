@@ -550,3 +550,32 @@ def test_not_utf8_and_directory(tmp_path):
 def test_unsafe_tags_are_refused(tmp_path):
     err = error_of(tmp_path, "seed: !!python/object/apply:os.getcwd []\n")
     assert_one_line(err, "spec.yaml:1:", "malformed YAML", "constructor")
+
+
+def test_json_schema_in_step_with_the_validator(tmp_path, capsys):
+    """--print-schema: generated from schema.py; its keys are the validator's, presets validate."""
+    import json
+    from pathlib import Path
+
+    import jsonschema
+    import yaml
+
+    from upcycle.compiler.cli import run
+    from upcycle.specs.json_schema import spec_json_schema
+    from upcycle.specs.validate import SECTION_KEYS, TOP_KEYS
+
+    assert run(["--print-schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema == spec_json_schema()
+    assert set(schema["properties"]) == set(TOP_KEYS)
+    for section, keys in SECTION_KEYS.items():
+        assert set(schema["properties"][section]["properties"]) == set(keys), section
+    presets = sorted((Path(__file__).parents[1] / "specs" / "presets").glob("*.yaml"))
+    assert presets
+    for path in presets:
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+    for bad in ({"router": {"type": "softmax"}}, {"experts": {"top_k": "two"}}, {"runtime": {"capacity_factor": "x"}},
+                {"layers": {"every": 2, "first": 1}}, {"unknown": 1}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    assert run([]) == 2  # no spec, no model: one line
