@@ -132,14 +132,6 @@ def scan_checkpoint(files: list[Path]) -> dict[str, TensorInfo]:
     return infos
 
 
-def check_float_weights(infos: dict[str, TensorInfo]) -> None:
-    ints = [i for i in infos.values() if i.dtype not in FLOAT_ST and len(i.shape) >= 2]
-    if ints:
-        i = ints[0]
-        raise ModelError(f"{i.file}: tensor {i.name!r} is {i.dtype} (quantized or integer weights); upcycling needs "
-                         "floating-point weights (F32, F16, BF16): dequantize the checkpoint first")
-
-
 def dominant_float_dtype(infos: dict[str, TensorInfo]) -> torch.dtype:
     count: dict[str, int] = {}
     for i in infos.values():

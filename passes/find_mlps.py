@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 import torch.fx as fx
-import torch.nn as nn
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
 from .activation_regions import IDENTITY, ActivationRegion, _is_product, find_region
@@ -96,17 +95,6 @@ GATED = _pattern(
 PLAIN = _pattern([("l1", "a"), ("a", "l2")], {"l1": "linear", "a": "act", "l2": "linear"})
 
 
-def dataflow_graph(gm: fx.GraphModule) -> tuple[nx.DiGraph, dict[str, ActivationRegion], dict[str, LinearRef]]:
-    """Contracted dataflow graph: node ids are FX node names, or 'act:<start>' for a region.
-
-    Pass-through regions (computing the identity: eval-mode dropout, casts, copies) after a
-    linear or a product are folded into that node, so `mul → dropout → down` (T5's gated FFN)
-    reads as `mul → down`; a matched MLP lists those nodes among its own.
-    """
-    g, regions, linears, _ = _contract(gm)
-    return g, regions, linears
-
-
 @dataclass
 class Contracted:
     """The contracted dataflow of one graph: what the activation-region pass decided."""
@@ -118,6 +106,12 @@ class Contracted:
 
 
 def contract(gm: fx.GraphModule) -> Contracted:
+    """Contracted dataflow graph: node ids are FX node names, or 'act:<start>' for a region.
+
+    Pass-through regions (computing the identity: eval-mode dropout, casts, copies) after a
+    linear or a product are folded into that node, so `mul → dropout → down` (T5's gated FFN)
+    reads as `mul → down`; a matched MLP lists those nodes among its own.
+    """
     return Contracted(*_contract(gm))
 
 

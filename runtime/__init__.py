@@ -1,6 +1,6 @@
 """MoE runtime: works without the compiler (a trained MoE needs no tracer)."""
 
-from .activations import ACTIVATIONS, HOMOGENEITY_DEGREE, get_activation, identify_activation
+from .activations import ACTIVATIONS, HOMOGENEITY_DEGREE, get_activation
 from .config import MoEConfig
 from .dispatch import available_backends, register_backend, resolve_backend
 from .experts import GroupedExperts, reference_forward
@@ -19,7 +19,7 @@ if triton_available():
     register_backend("triton", triton_backend)
 
 __all__ = [
-    "ACTIVATIONS", "HOMOGENEITY_DEGREE", "get_activation", "identify_activation", "MoEConfig",
+    "ACTIVATIONS", "HOMOGENEITY_DEGREE", "get_activation", "MoEConfig",
     "available_backends", "register_backend", "resolve_backend", "GroupedExperts", "reference_forward",
     "aux_loss", "load_balancing_loss", "z_loss", "MoELayer", "SharedExpert", "build_moe",
     "RouterOutput", "TopKRouter", "grouped_forward", "update_expert_bias", "capacity_keep", "set_aux_loss_scale",

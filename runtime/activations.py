@@ -54,34 +54,4 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         ) from None
 
 
-def identify_activation(fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
-    """Name an opaque elementwise function by evaluating it on a probe grid.
-
-    Used for activation modules or inline subgraphs whose type we do not know: two functions
-    that agree to 1e-5 on 2001 points in [-8, 8] (and are elementwise) are the same activation
-    for our purposes. Returns None when nothing matches.
-    """
-    x = torch.linspace(-8.0, 8.0, 2001, dtype=torch.float32)
-    try:
-        with torch.no_grad():
-            y = fn(x.clone())
-    except Exception:
-        return None
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-        return None
-    # elementwise check: permuting the input permutes the output
-    perm = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.no_grad():
-            y_perm = fn(x[perm].clone())
-    except Exception:
-        return None
-    if not torch.allclose(y_perm, y[perm], atol=1e-6):
-        return None
-    for name, ref in ACTIVATIONS.items():
-        if torch.allclose(y.float(), ref(x), atol=1e-5, rtol=1e-5):
-            return name
-    return None
-
-
-__all__ = ["ACTIVATIONS", "HOMOGENEITY_DEGREE", "get_activation", "identify_activation"]
+__all__ = ["ACTIVATIONS", "HOMOGENEITY_DEGREE", "get_activation"]
