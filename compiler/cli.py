@@ -114,7 +114,7 @@ def run(argv: list[str] | None = None) -> int:
                 mp = plan_on_meta(spec, args.model, args.config)
                 if args.explain:
                     print(explain(mp.discovery))
-                print(render_plan(mp.plan, spec))
+                print(render_plan(mp.plan, spec, explain=args.explain))
                 if args.dry_run:
                     return 0
             shard = _parse_size(args.max_shard_size)
@@ -129,7 +129,7 @@ def run(argv: list[str] | None = None) -> int:
             discovery, _, plan = analyse(loaded.model, spec)
             if args.explain:
                 print(explain(discovery))
-            print(render_plan(plan, spec))
+            print(render_plan(plan, spec, explain=args.explain))
             if args.dry_run:
                 return 0
         example = loaded.example_inputs

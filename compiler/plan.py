@@ -121,7 +121,7 @@ def _fmt(n: int) -> str:
     return str(n)
 
 
-def render_plan(plan: Plan, spec: UpcycleSpec) -> str:
+def render_plan(plan: Plan, spec: UpcycleSpec, explain: bool = False) -> str:
     ex = spec.experts
     lines = [
         f"upcycle plan for {plan.model_class}: E{ex.expansion}G{ex.granularity}T{ex.top_k}, "
@@ -147,9 +147,13 @@ def render_plan(plan: Plan, spec: UpcycleSpec) -> str:
     )
     not_analysed = [(p, why, lin) for p, why, lin in plan.untraced if lin]
     if not_analysed:
-        lines.append(f"blocks that did not trace (their linears were analysed through their children): {len(not_analysed)}")
-        for path, why, _ in not_analysed[:3]:
-            lines.append(f"  {path or '<root>'}: {why}")
+        # normal (transformers' attention blocks rarely trace whole): one line unless asked
+        lines.append(f"{len(not_analysed)} blocks were analysed through their children (they do not trace as a "
+                     f"whole, e.g. {not_analysed[0][0] or '<root>'}; usual for attention)"
+                     + ("" if explain else "; --explain lists them"))
+        if explain:
+            for path, why, _ in not_analysed:
+                lines.append(f"  {path or '<root>'}: {why}")
     for w in plan.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
