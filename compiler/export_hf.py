@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from upcycle.runtime.activations import REGISTRY
 from upcycle.runtime.moe import MoELayer
 from upcycle.specs import dump_spec, load_spec
 
@@ -41,7 +42,7 @@ __all__ = ["ExportError", "export_hf", "hf_export_plan"]
 LLAMA_FAMILY = ("llama", "mistral")
 QWEN2_FAMILY = ("qwen2",)
 # our activation names -> transformers' ACT2FN names
-_ACT = {"silu": ("silu", "swish"), "gelu": ("gelu",), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_new"), "relu": ("relu",)}
+_ACT = {name: a.hf_names for name, a in REGISTRY.items()}  # our activation -> transformers' hidden_act names
 
 
 class ExportError(UpcycleError):

@@ -33,13 +33,12 @@ stored nor recomputed.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import get_activation
+from .activations import activation_backward, get_activation
 from .experts import GroupedExperts
 
 STRATEGIES = ("loop", "grouped_mm", "padded")
@@ -63,26 +62,6 @@ def plan_routing(indices: Tensor, num_experts: int) -> RoutingPlan:
 
 
 # --- activations: value and backward, by name --------------------------------------------------
-
-def _quick_gelu_backward(grad: Tensor, x: Tensor) -> Tensor:
-    s = torch.sigmoid(1.702 * x)
-    return grad * (s + 1.702 * x * s * (1 - s))
-
-
-ACTIVATION_BACKWARD: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "silu": torch.ops.aten.silu_backward,
-    "gelu": lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="none"),
-    "gelu_tanh": lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
-    "quick_gelu": _quick_gelu_backward,
-    "relu": lambda g, x: torch.ops.aten.threshold_backward(g, x, 0),
-    "relu2": lambda g, x: g * (2 * F.relu(x)),
-}
-
-
-def activation_backward(name: str, grad: Tensor, x: Tensor) -> Tensor:
-    """grad · act'(x) for the activation called `name` (same numerics as autograd)."""
-    return ACTIVATION_BACKWARD[name](grad, x)
-
 
 # --- strategy: one fused pass per expert segment ---------------------------------------------
 

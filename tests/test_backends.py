@@ -165,3 +165,26 @@ def test_padded_falls_back_to_loop_when_routing_is_skewed():
     want = run(reference, experts, x, indices, weights)
     got = run(grouped("padded"), experts, x, indices, weights)
     assert_matches(got, want, names(experts), TOL[torch.float32])
+
+
+def test_activation_registry_is_the_one_source():
+    """Each entry's backward equals autograd of its function; homogeneity holds where claimed;
+    Triton codes are distinct; the transformers names exist in transformers' ACT2FN."""
+    from transformers.activations import ACT2FN
+
+    from upcycle.compiler.export_hf import _ACT
+    from upcycle.runtime.activations import REGISTRY
+    from upcycle.runtime.kernels.activations import ACT_CODES
+
+    x = torch.linspace(-4, 4, 101, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(101, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for name, a in REGISTRY.items():
+        (auto,) = torch.autograd.grad(a.fn(x), x, g)
+        torch.testing.assert_close(a.backward(g, x.detach()), auto, msg=name)
+        if a.homogeneity is not None:
+            torch.testing.assert_close(a.fn(3.0 * x), 3.0 ** a.homogeneity * a.fn(x), msg=name)
+        else:
+            assert not torch.allclose(a.fn(3.0 * x), 3.0 * a.fn(x)), name
+        assert all(h in ACT2FN for h in a.hf_names), name
+    assert sorted(ACT_CODES.values()) == list(range(len(REGISTRY)))
+    assert _ACT == {n: a.hf_names for n, a in REGISTRY.items()}

@@ -8,7 +8,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "relu": 4, "relu2": 5}
+from ..activations import REGISTRY
+
+ACT_CODES = {name: a.triton_code for name, a in REGISTRY.items()}  # the branches below, by code
 
 # constants are written as literals: a plain float global is rejected by the compiler (not by
 # the interpreter), and a tl.constexpr global breaks the interpreter. 0.70710678 = 1/sqrt(2),

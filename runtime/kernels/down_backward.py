@@ -11,8 +11,6 @@ the kernel writes partial sums [S, cdiv(H, BN)] that the caller adds up (determi
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -20,7 +18,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from ..activations import get_activation
-from ..grouped import activation_backward
+from ..activations import activation_backward
 from .activations import ACT_CODES, act_fwd, act_grad
 from .gate_up import dot_precision
 from .schedule import block_schedule
