@@ -94,6 +94,14 @@ def meta_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
     return model.eval()
 
 
+def tied_groups(named: dict) -> list[list[str]]:
+    """State-dict names grouped by tensor identity (tied weights share one group; first name first)."""
+    by_id: dict[int, list[str]] = {}
+    for name, t in named.items():
+        by_id.setdefault(id(t), []).append(name)
+    return list(by_id.values())
+
+
 def check_tensors_against(model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], str]], where) -> None:
     """Checkpoint {name: (shape, dtype name)} against the model built from the config: same names and
     shapes, floating-point weights. Tied duplicates may be absent from the checkpoint."""
@@ -108,10 +116,7 @@ def check_tensors_against(model: nn.Module, shapes: dict[str, tuple[tuple[int, .
             raise ModelError(f"{where}: config and weights disagree: tensor {name!r} is {list(shape)} in the checkpoint "
                              f"but {list(expected[name].shape)} in the model built from config.json "
                              f"({type(model).__name__}); give the config that belongs to these weights")
-    by_id: dict[int, list[str]] = {}
-    for name, t in expected.items():
-        by_id.setdefault(id(t), []).append(name)
-    missing = [names[0] for names in by_id.values() if not any(n in shapes for n in names)]
+    missing = [names[0] for names in tied_groups(expected) if not any(n in shapes for n in names)]
     if missing:
         raise ModelError(f"{where}: config and weights disagree: the model built from config.json needs "
                          f"{missing[0]!r}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, "

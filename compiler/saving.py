@@ -22,7 +22,7 @@ from safetensors.torch import save_model as st_save_model
 from upcycle.specs import dump_spec, load_spec
 
 from .errors import ModelError, UpcycleError
-from .loading import LoadedModel, build_transformers_skeleton, load_export
+from .loading import LoadedModel, build_transformers_skeleton, load_export, tied_groups
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -97,14 +97,7 @@ def tensor_accounting(input_names, records, output_names, aliases: dict[str, str
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
     """{state-dict name: the first name of the same tensor} for tensors stored under several names."""
-    first, out = {}, {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        key = id(t)
-        if key in first:
-            out[name] = first[key]
-        else:
-            first[key] = name
-    return out
+    return {name: group[0] for group in tied_groups(model.state_dict(keep_vars=True)) for name in group[1:]}
 
 
 def write_metadata(tmp: Path, *, spec, kind: str, model_class: str, source, report=None, tensors: dict | None = None,

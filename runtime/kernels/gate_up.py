@@ -19,6 +19,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..activations import get_activation
 from .activations import ACT_CODES, act_fwd
+from .blocks import row_block
 from .schedule import block_schedule
 
 
@@ -36,16 +37,10 @@ def gate_up_kernel(
     ACT: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m)
-    if e >= num_experts:
+    e, rows, rmask = row_block(block_expert_ptr, block_row_ptr, offsets_ptr, num_experts, BM)
+    if e >= num_experts:  # idle block
         return
-    e = e.to(tl.int64)
-    row0 = tl.load(block_row_ptr + pid_m)
-    end = tl.load(offsets_ptr + e)
-    rows = row0 + tl.arange(0, BM)  # [BM] sorted slots
-    rmask = rows < end
     tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)  # [BM] gathered token ids
     cols = pid_n * BN + tl.arange(0, BN)  # [BN] hidden units
     cmask = cols < H

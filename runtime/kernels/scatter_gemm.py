@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .gate_up import dot_precision
+from .blocks import row_block
 from .schedule import block_schedule
 
 
@@ -32,16 +33,10 @@ def scatter_gemm_kernel(
     HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m)
-    if e >= num_experts:
+    e, rows, rmask = row_block(block_expert_ptr, block_row_ptr, offsets_ptr, num_experts, BM)
+    if e >= num_experts:  # idle block
         return
-    e = e.to(tl.int64)
-    row0 = tl.load(block_row_ptr + pid_m)
-    end = tl.load(offsets_ptr + e)
-    rows = row0 + tl.arange(0, BM)
-    rmask = rows < end
     rows64 = rows.to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < M
