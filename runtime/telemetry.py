@@ -181,7 +181,7 @@ def read_jsonl(path) -> list:
     return records
 
 
-def plot_load_heatmap(jsonl_path, png_path, max_layers: int = 32) -> Path:
+def plot_load_heatmap(jsonl_path, png_path, max_layers: int = 32, dpi: int = 110) -> Path:
     """PNG: one panel per layer, expert (rows) × step (columns), colour = share of slots / (1/N)."""
     import matplotlib
 
@@ -195,7 +195,7 @@ def plot_load_heatmap(jsonl_path, png_path, max_layers: int = 32) -> Path:
     steps = [r["step"] for r in records]
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, layout="constrained")
     image = None
     for ax, name in zip(axes.flat, names):
         loads = [r["layers"].get(name, {}).get("load") for r in records]
@@ -212,7 +212,7 @@ def plot_load_heatmap(jsonl_path, png_path, max_layers: int = 32) -> Path:
     fig.colorbar(image, ax=axes, shrink=0.8, label="load / uniform load")
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
+    fig.savefig(png_path, dpi=dpi)
     plt.close(fig)
     return png_path
 
