@@ -11,4 +11,10 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.sta
   .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e ".[test,examples]" 2>&1 | grep -v "^WARNING: Location" || true
+# real English text for the training tests and examples: Debian's bible-kjv (the `bible` command)
+if ! command -v bible >/dev/null || [ ! -f /usr/lib/bible.data ]; then
+  echo "installing Debian's bible-kjv (real English text)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get install -y -q bible-kjv >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q bible-kjv >/dev/null; }
+fi
 .venv/bin/python -c "import upcycle, torch, transformers; print(f'environment ready: torch {torch.__version__}, transformers {transformers.__version__}')"

