@@ -104,8 +104,6 @@ def run(argv: list[str] | None = None) -> int:
 
         streaming = args.stream or (not args.no_stream and safetensors_input(args.model)
                                     and input_bytes(args.model) > STREAM_THRESHOLD_BYTES)
-        if streaming and args.format == "hf":
-            return _fail("--format hf converts the model in memory; pass --no-stream", EXIT_USER_ERROR)
         if streaming:
             if not Path(args.model).exists() or not safetensors_input(args.model):
                 return _fail(f"{args.model}: --stream needs a safetensors checkpoint (a transformers directory or a "
@@ -118,11 +116,25 @@ def run(argv: list[str] | None = None) -> int:
                 if args.dry_run:
                     return 0
             shard = _parse_size(args.max_shard_size)
-            result = stream_upcycle(spec, args.model, args.output, config=args.config, force=args.force,
-                                    max_shard_bytes=shard, progress=not args.no_progress)
+            common = dict(config=args.config, force=args.force, max_shard_bytes=shard, progress=not args.no_progress)
+            hf_error = None
+            if args.format == "hf":
+                from .export_hf import ExportError
+
+                try:  # refused (no transformers MoE format) before anything is written
+                    result = stream_upcycle(spec, args.model, args.output, fmt="hf", **common)
+                    print(result.report.to_text())
+                    print(f"wrote {result.out} (transformers format; streamed {result.input_bytes / 1e9:.2f} GB -> "
+                          f"{result.output_bytes / 1e9:.2f} GB in {result.seconds:.1f} s)")
+                    return 0
+                except ExportError as exc:
+                    hf_error = str(exc)
+            result = stream_upcycle(spec, args.model, args.output, **common)
             print(result.report.to_text())
             print(f"wrote {result.out} (streamed {result.input_bytes / 1e9:.2f} GB -> {result.output_bytes / 1e9:.2f} GB "
                   f"in {result.seconds:.1f} s)")
+            if hf_error:
+                return _fail(f"--format hf: {hf_error}; wrote the native format to {result.out} instead", EXIT_USER_ERROR)
             return 0
         loaded = load_model(args.model, trust_pickle=args.trust_pickle, config=args.config)
         if args.dry_run or args.explain:

@@ -35,6 +35,7 @@ from upcycle.runtime.moe import MoELayer
 from upcycle.specs import dump_spec, load_spec
 
 from .errors import UpcycleError
+from .checkpoint import OutTensor, ShardWriter
 from .saving import atomic_output
 
 __all__ = ["ExportError", "export_hf", "hf_export_plan"]
@@ -96,6 +97,7 @@ def hf_export_plan(model: nn.Module, spec=None, target: str | None = None) -> di
     if c.first_bias or c.output_bias or c.router_bias:
         raise ExportError(f"{name}: expert or router biases have no place in Mixtral / Qwen2-MoE experts")
     trained_bias = [i for i in moe_idx if layers[i].mlp.router.expert_bias is not None
+                    and not layers[i].mlp.router.expert_bias.is_meta  # planned on meta: nothing trained
                     and bool(layers[i].mlp.router.expert_bias.abs().sum() > 0)]
     if trained_bias:
         raise ExportError(f"{name}: model.layers.{trained_bias[0]}.mlp routes with a trained aux-loss-free bias "
@@ -163,40 +165,76 @@ def _config(model: nn.Module, plan: dict, spec):
             max_window_layers=getattr(src, "max_window_layers", 0), layer_types=list(layer_types),
         )
         cfg.head_dim = head_dim  # Qwen2MoeAttention reads getattr(config, "head_dim", hidden / heads)
-    cfg.dtype = next(model.parameters()).dtype
+    cfg.dtype = plan_dtype(model)
+    cfg.architectures = ["MixtralForCausalLM" if plan["target"] == "mixtral" else "Qwen2MoeForCausalLM"]
     return cfg
 
 
+def hf_layer_tensors(state: dict[str, torch.Tensor], c, target: str, prefix: str,
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One MoE layer in the target's names and layout, from the layer's own state dict (local
+    names). The same function serves the in-memory export (a module's state) and the streaming one
+    (tensors mapped from the checkpoint, or meta tensors to plan the shapes). Everything is written
+    in the model's dtype, the router included (transformers keeps one dtype)."""
+    w = state["router.weight"]
+    out = {
+        prefix + "gate.weight": w,  # [N, D]
+        prefix + "experts.gate_up_proj": torch.cat([state["experts.gate_proj"], state["experts.up_proj"]], dim=1),  # [N, 2H, D]
+        prefix + "experts.down_proj": state["experts.down_proj"],  # [N, D, H]
+    }
+    if target == "qwen2_moe":
+        d = c.d_model
+        if c.shared_d_ffn:
+            out[prefix + "shared_expert.gate_proj.weight"] = state["shared_expert.gate_proj.weight"]
+            out[prefix + "shared_expert.up_proj.weight"] = state["shared_expert.up_proj.weight"]
+            # sigmoid(0) = 1/2 gates it in transformers: double W2 so the product is shared_scale · W2
+            out[prefix + "shared_expert.down_proj.weight"] = state["shared_expert.down_proj.weight"] * (2.0 * c.shared_scale)
+        else:  # shared_expert_intermediate_size 0: empty matrices, a gate that multiplies zero
+            out[prefix + "shared_expert.gate_proj.weight"] = w.new_zeros(0, d)
+            out[prefix + "shared_expert.up_proj.weight"] = w.new_zeros(0, d)
+            out[prefix + "shared_expert.down_proj.weight"] = w.new_zeros(d, 0)
+        out[prefix + "shared_expert_gate.weight"] = w.new_zeros(1, d)
+    return {k: v.detach().to(dtype) for k, v in out.items()}
+
+
+def hf_tensor_order(names: list[str], plan: dict) -> list[tuple[str, int | None]]:
+    """Our state-dict names in order, each MoE layer's names collapsed into one (None, layer index)
+    slot at its first name: the order in which both exports emit tensors."""
+    moe_prefix = {f"model.layers.{i}.mlp.": i for i in plan["moe_layers"]}
+    order, seen = [], set()
+    for name in names:
+        i = next((j for pre, j in moe_prefix.items() if name.startswith(pre)), None)
+        if i is None:
+            order.append((name, None))
+        elif i not in seen:
+            seen.add(i)
+            order.append((None, i))
+    return order
+
+
 def hf_state_dict(model: nn.Module, plan: dict) -> dict[str, torch.Tensor]:
-    """The transformers-format tensors: non-MLP weights keep their names; each MoE layer is mapped."""
-    state = {}
-    moe_prefixes = tuple(f"model.layers.{i}.mlp." for i in plan["moe_layers"])
-    for k, v in model.state_dict().items():
-        if not k.startswith(moe_prefixes):
-            state[k] = v
+    """The transformers-format tensors, in write order: other weights keep their names (a tied
+    duplicate such as lm_head.weight is stored once, as transformers does); each MoE layer mapped."""
+    from .saving import tied_aliases
+
+    aliases = tied_aliases(model)
+    own = model.state_dict()
+    dtype = plan_dtype(model)
     layers = _layers(model)
-    for i in plan["moe_layers"]:
-        moe: MoELayer = layers[i].mlp
-        p = f"model.layers.{i}.mlp."
-        ex = moe.experts
-        state[p + "gate.weight"] = moe.router.weight.detach()
-        state[p + "experts.gate_up_proj"] = torch.cat([ex.gate_proj.detach(), ex.up_proj.detach()], dim=1)  # [N, 2H, D]
-        state[p + "experts.down_proj"] = ex.down_proj.detach()
-        if plan["target"] == "qwen2_moe":
-            d = moe.config.d_model
-            sh = moe.shared_expert
-            if sh is not None:
-                state[p + "shared_expert.gate_proj.weight"] = sh.gate_proj.weight.detach()
-                state[p + "shared_expert.up_proj.weight"] = sh.up_proj.weight.detach()
-                # sigmoid(0) = 1/2 gates it in transformers: double W2 so the product is shared_scale · W2
-                state[p + "shared_expert.down_proj.weight"] = sh.down_proj.weight.detach() * (2.0 * moe.config.shared_scale)
-            else:  # shared_expert_intermediate_size 0: empty matrices, a gate that multiplies zero
-                w = moe.router.weight
-                state[p + "shared_expert.gate_proj.weight"] = w.new_zeros(0, d)
-                state[p + "shared_expert.up_proj.weight"] = w.new_zeros(0, d)
-                state[p + "shared_expert.down_proj.weight"] = w.new_zeros(d, 0)
-            state[p + "shared_expert_gate.weight"] = moe.router.weight.new_zeros(1, d)
+    state = {}
+    for name, i in hf_tensor_order([n for n in own if n not in aliases], plan):
+        if i is None:
+            state[name] = own[name]
+        else:
+            moe: MoELayer = layers[i].mlp
+            state.update(hf_layer_tensors(moe.state_dict(), moe.config, plan["target"], f"model.layers.{i}.mlp.", dtype))
     return state
+
+
+def plan_dtype(model: nn.Module) -> torch.dtype:
+    """The model's dtype: that of its embedding (routers are fp32 whatever the model dtype)."""
+    emb = getattr(model, "get_input_embeddings", lambda: None)()
+    return emb.weight.dtype if emb is not None else next(model.parameters()).dtype
 
 
 def build_hf_model(model: nn.Module, spec=None, target: str | None = None) -> nn.Module:
@@ -221,23 +259,50 @@ def build_hf_model(model: nn.Module, spec=None, target: str | None = None) -> nn
     return hf.eval()
 
 
-def export_hf(model: nn.Module, out_dir, *, spec=None, report=None, force: bool = False, target: str | None = None) -> Path:
+def export_hf(model: nn.Module, out_dir, *, spec=None, report=None, force: bool = False, target: str | None = None,
+              max_shard_bytes: int = 2 * 10**9) -> Path:
     """Write `model` (upcycled) as a Mixtral / Qwen2-MoE checkpoint folder, atomically.
 
+    Tensors go through the same shard writer, in the same order, as the streaming export
+    (`streaming.stream_upcycle(..., fmt="hf")`), so both write identical bytes for the same model.
     The resolved spec and report are written beside it (upcycle_spec.yaml, report.json/txt);
     transformers ignores them."""
     out = Path(out_dir)
     if out.exists() and not force:
         raise UpcycleError(f"{out}: output already exists; choose another path or pass --force (force=True) to replace it")
     spec = load_spec(spec) if spec is not None else None
-    hf = build_hf_model(model, spec, target)  # raises ExportError before anything is written
+    plan = hf_export_plan(model, spec, target)  # raises ExportError before anything is written
+    cfg = _config(model, plan, spec)
+    state = hf_state_dict(model, plan)
+    generation = getattr(model, "generation_config", None)
     with atomic_output(out, force=force) as tmp:
-        hf.save_pretrained(str(tmp))
-        if spec is not None:
-            (tmp / "upcycle_spec.yaml").write_text(dump_spec(spec))
-        if report is not None:
-            (tmp / "report.json").write_text(report.to_json())
-            (tmp / "report.txt").write_text(report.to_text() + "\n")
-        (tmp / "upcycle_export.json").write_text(json.dumps(
-            {"format": hf.config.model_type, "model_class": type(hf).__name__, "source_class": type(model).__name__}, indent=2))
+        write_hf_folder(tmp, cfg, state.items(), [OutTensor(n, t.dtype, tuple(t.shape)) for n, t in state.items()],
+                        max_shard_bytes, spec=spec, report=report, generation_config=generation,
+                        source_class=type(model).__name__)
     return out
+
+
+def write_hf_folder(tmp: Path, cfg, tensors, plan: list, max_shard_bytes: int, *, spec=None, report=None,
+                    generation_config=None, source_class: str = "", extra: dict | None = None) -> dict:
+    """Shards + index, config (+ generation config), spec, report and upcycle_export.json into `tmp`.
+    `tensors` yields (name, tensor) in `plan`'s order. Returns the written weight files."""
+    writer = ShardWriter(tmp, plan, max_shard_bytes)
+    try:
+        for name, value in tensors:
+            writer.write(name, value)
+        files = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    cfg.save_pretrained(str(tmp))
+    if generation_config is not None:
+        generation_config.save_pretrained(str(tmp))
+    if spec is not None:
+        (tmp / "upcycle_spec.yaml").write_text(dump_spec(spec))
+    if report is not None:
+        (tmp / "report.json").write_text(report.to_json())
+        (tmp / "report.txt").write_text(report.to_text() + "\n")
+    info = {"format": cfg.model_type, "model_class": cfg.architectures[0] if cfg.architectures else None,
+            "source_class": source_class, "files": files, **(extra or {})}
+    (tmp / "upcycle_export.json").write_text(json.dumps(info, indent=2))
+    return files

@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +89,9 @@ class _Recorder(MoEBuilder):
         for ref in match.linears:
             for local in ref.parameter_names(unit):
                 names.append((local, ".".join(p for p in (match.unit_path, local) if p)))
-        self.seen[match.path] = (match, unit, names)
+        # a copy: the rewrite then edits this unit's graph (e.g. GPT-2's MLP nodes become the MoE
+        # call), and the streamed mapping and verification need the dense MLP's nodes
+        self.seen[match.path] = (match, copy.deepcopy(unit), names)
         return super().__call__(match, unit)
 
 
@@ -147,14 +151,18 @@ class StreamResult:
 
 def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = False,
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
-                   writer_factory=ShardWriter) -> StreamResult:
-    """Upcycle a safetensors checkpoint on disk into `out_dir` without loading it (see module doc)."""
+                   writer_factory=ShardWriter, fmt: str = "native", target: str | None = None) -> StreamResult:
+    """Upcycle a safetensors checkpoint on disk into `out_dir` without loading it (see module doc).
+
+    fmt "hf": write a Mixtral / Qwen2-MoE checkpoint instead (`export_hf`'s names, layout and
+    order, through the same writer: the same bytes as the in-memory export of the same model)."""
     t0 = time.perf_counter()
     spec = load_spec(spec)
     out = Path(out_dir)
     if out.exists() and not force:
         raise UpcycleError(f"{out}: output already exists; choose another path or pass --force (force=True) to replace it")
     mp = plan_on_meta(spec, model_path, config)
+    hf = _hf_plan(mp, spec, target) if fmt == "hf" else None
     src = Path(model_path)
     final = mp.model.state_dict(keep_vars=True)
     aliases = tied_aliases(mp.model)  # {duplicate name: first name}
@@ -181,6 +189,8 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
             outputs.append(OutTensor(name, ST_DTYPES[info.dtype], info.shape))
         else:
             raise ModelError(f"{src}: output tensor {name!r} has no source in the checkpoint")
+    if hf is not None:  # the target's tensors instead: same order rule as the in-memory export
+        outputs = hf.outputs(outputs)
     out_names = [t.name for t in outputs]
     tensors = tensor_accounting(list(mp.infos), mp.records, out_names,
                                 aliases={**{k: v for k, v in aliases.items()}, **dropped_alias}, where=str(src))
@@ -215,6 +225,9 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
                 _set_tensor(gm, local, torch.empty(t.shape, dtype=t.dtype, device="meta"))
         return state
 
+    if hf is not None:
+        return _write_hf(hf, spec, mp, src, out, outputs, tensors, moe_state, reader, bar, builder, max_shard_bytes,
+                         force, t0)
     with atomic_output(out, force=force) as tmp:
         writer = writer_factory(tmp, outputs, max_shard_bytes, metadata={"upcycle_format": "1"})
         try:
@@ -247,6 +260,82 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     in_bytes = sum(f.stat().st_size for f in {i.file for i in mp.infos.values()})
     out_bytes = sum(v["bytes"] for v in weight_files.values())
     return StreamResult(out, report, manifest, in_bytes, out_bytes, time.perf_counter() - t0)
+
+
+class _HFPlan:
+    """The transformers-format output of a streamed conversion: target, config, per-layer names."""
+
+    def __init__(self, mp: MetaPlan, spec, target):
+        from .export_hf import _config, _layers, hf_export_plan, plan_dtype
+
+        self.plan = hf_export_plan(mp.model, spec, target)
+        self.config = _config(mp.model, self.plan, spec)
+        self.dtype = plan_dtype(mp.model)
+        self.layers = _layers(mp.model)
+        self.mlp_of = {rec.moe_path: rec.mlp_path for rec in mp.records}  # moe module path -> MLP key
+
+    def layer(self, i: int, state: dict) -> dict:
+        from .export_hf import hf_layer_tensors
+
+        moe = self.layers[i].mlp
+        return hf_layer_tensors(state, moe.config, self.plan["target"], f"model.layers.{i}.mlp.", self.dtype)
+
+    def order(self, native: list[OutTensor]) -> list:
+        from .export_hf import hf_tensor_order
+
+        return hf_tensor_order([t.name for t in native], self.plan)
+
+    def outputs(self, native: list[OutTensor]) -> list[OutTensor]:
+        by_name = {t.name: t for t in native}
+        outs = []
+        for name, i in self.order(native):
+            if i is None:
+                outs.append(by_name[name])
+            else:  # shapes and dtypes from the meta layer, through the same mapping
+                for n, t in self.layer(i, self.layers[i].mlp.state_dict()).items():
+                    outs.append(OutTensor(n, t.dtype, tuple(t.shape)))
+        self.native = native
+        return outs
+
+
+def _hf_plan(mp: MetaPlan, spec, target) -> _HFPlan:
+    return _HFPlan(mp, spec, target)
+
+
+def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, tensors, moe_state, reader, bar,
+              builder, max_shard_bytes: int, force: bool, t0: float) -> StreamResult:
+    from .export_hf import write_hf_folder
+
+    def values():
+        for name, i in hf.order(hf.native):
+            if i is None:
+                value = reader.get(name)
+                bar.update(1)
+                yield name, value
+            else:
+                state = moe_state(hf.mlp_of[f"model.layers.{i}.mlp"])
+                for n, v in hf.layer(i, state).items():
+                    bar.update(1)
+                    yield n, v
+                del state
+
+    with atomic_output(out, force=force) as tmp:
+        try:
+            files = write_hf_folder(tmp, hf.config, values(), outputs, max_shard_bytes, spec=spec,
+                                    source_class=type(mp.model).__name__,
+                                    extra={"streaming": True, "tensors": tensors,
+                                           "verification": VERIFICATION if spec.verify.enabled else "disabled"})
+        finally:
+            reader.close()
+            bar.close()
+        report = Report.build(spec, mp.plan, builder.checks, mp.records, None, None, None,
+                              seconds=time.perf_counter() - t0, probe="synthetic (streaming: per-layer only)")
+        (tmp / "report.json").write_text(report.to_json())
+        (tmp / "report.txt").write_text(report.to_text() + "\n")
+    in_bytes = sum(f.stat().st_size for f in {i.file for i in mp.infos.values()})
+    out_bytes = sum(v["bytes"] for v in files.values())
+    return StreamResult(out, report, json.loads((out / "upcycle_export.json").read_text()), in_bytes, out_bytes,
+                        time.perf_counter() - t0)
 
 
 def _bar(total: int, enabled: bool):

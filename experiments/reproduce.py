@@ -256,7 +256,7 @@ def train_run(run_dir: Path, model, train, val, s: Setting, *, steps: int, peak:
 
     if step == 0:
         record(step=0, tokens=0, flops=0.0, val_loss=validate(model, val, s.eval_seqs))
-    t_spent = 0.0
+    t_spent, steps_timed = 0.0, 0
     while step < steps:
         lr = cosine(step, steps, peak, warmup, floor) if peak != floor else peak
         for g in opt.param_groups:
@@ -269,17 +269,19 @@ def train_run(run_dir: Path, model, train, val, s: Setting, *, steps: int, peak:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         t_spent += time.perf_counter() - t0
+        steps_timed += 1
         step += 1
         stats = read_router_stats(model)
         if step % s.eval_every == 0 or step == steps:
             v = validate(model, val, s.eval_seqs)
             loads = [st.max_over_mean_load for st in stats.values()]
             record(step=step, tokens=step * s.tokens_per_step, flops=step * s.tokens_per_step * fpt, val_loss=v,
-                   train_loss=float(loss.detach()), lr=lr, tokens_per_s=s.tokens_per_step / max(t_spent, 1e-9) * 1,
+                   train_loss=float(loss.detach()), lr=lr,
+                   tokens_per_s=s.tokens_per_step * steps_timed / max(t_spent, 1e-9),  # training steps only
                    max_over_mean_load=max(loads) if loads else None,
                    min_load=min((st.min_load for st in stats.values()), default=None),
                    dead_experts=sum(sum(1 for x in st.load if x == 0.0) for st in stats.values()) if stats else None)
-            t_spent = 0.0 if step % s.eval_every == 0 else t_spent
+            t_spent, steps_timed = 0.0, 0
         if step % s.checkpoint_every == 0 or step == steps:
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step,

@@ -293,3 +293,65 @@ def test_export_and_native_save_keep_expert_and_router_order(spec, tmp_path):
         layer = moe.model.layers[1].mlp
         layer.experts.up_proj[[0, 1]] = layer.experts.up_proj[[1, 0]].clone()
         assert (moe(input_ids=ids).logits - want).abs().max() > 1e-4
+
+
+# --- streaming export: the same bytes as the in-memory export ---------------------------------------
+
+STREAM_SPECS = {
+    "mixtral": _spec(4, 1, 2, "topk_then_softmax"),
+    "qwen2_moe_fine": _spec(4, 2, 2, "softmax_then_topk"),
+    "qwen2_moe_mixed_layers": _spec(4, 2, 2, "softmax_then_topk", layers=[1, 2]),
+    "qwen2_moe_shared": _spec(2, 4, 2, "softmax_then_topk", experts={"shared_experts": 1}),
+    # every expert and router row distinct: a reordering would change the bytes
+    "distinct": {**_spec(4, 2, 2, "softmax_then_topk", experts={"drop_upcycling": 0.5}),
+                 "router": {"type": "softmax_then_topk", "init": "random"}},
+}
+
+
+@pytest.mark.parametrize("source", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", list(STREAM_SPECS))
+def test_streamed_export_is_byte_identical_to_in_memory(tmp_path, name, source):
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.compiler.loading import load_model
+    from upcycle.compiler.pipeline import upcycle_model
+    from upcycle.compiler.streaming import stream_upcycle
+
+    if source == "qwen2" and name != "distinct":
+        pytest.skip("one Qwen2 case (q/k/v biases travel) is enough")
+    spec = STREAM_SPECS[name]
+    src = tmp_path / "dense"
+    _llama(layers=4, model=source).save_pretrained(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = upcycle_model(load_model(src).model, spec)
+        export_hf(res.model, tmp_path / "mem", spec=spec, max_shard_bytes=60_000)
+        streamed = stream_upcycle(spec, src, tmp_path / "stream", fmt="hf", max_shard_bytes=60_000)
+    mem_files = sorted(p.name for p in (tmp_path / "mem").iterdir() if p.name.startswith("model"))
+    assert len(mem_files) > 2  # several shards and an index
+    assert mem_files == sorted(p.name for p in (tmp_path / "stream").iterdir() if p.name.startswith("model"))
+    for f in mem_files + ["config.json"]:
+        assert (tmp_path / "mem" / f).read_bytes() == (tmp_path / "stream" / f).read_bytes(), f
+    acc = streamed.manifest["tensors"]  # every input tensor accounted for
+    assert "model.layers.1.mlp.up_proj.weight" in acc["transformed"] and "model.embed_tokens.weight" in acc["copied"]
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "stream"), dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, res.model.eval()(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_stream_format_hf(tmp_path, capsys):
+    src = tmp_path / "dense"
+    _llama(layers=2).save_pretrained(src)
+    assert run(["e8g1t2", str(src), "-o", str(tmp_path / "out"), "--stream", "--format", "hf", "--no-progress"]) == 0
+    assert "transformers format; streamed" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "qwen2_moe"
+    import transformers
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    code = run(["e8g1t2", str(tmp_path / "gpt2"), "-o", str(tmp_path / "g"), "--stream", "--format", "hf", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no transformers MoE format" in err and "wrote the native format" in err
+    assert (tmp_path / "g" / "upcycle.json").is_file()

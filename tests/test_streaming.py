@@ -177,3 +177,18 @@ def test_single_safetensors_and_pt_state_dict_inputs(models, tmp_path, capsys):
         assert torch.equal(sds[0][k], sds[1][k]) and torch.equal(sds[0][k], sds[2][k]), k
     manifest = json.loads((tmp_path / "a" / "upcycle.json").read_text())
     assert manifest["tensors"]["copied"] and manifest["streaming"] is False
+
+
+def test_gpt2_stream_equals_in_memory(tmp_path):
+    """GPT-2's MLP (Conv1D, inline in its block's unit) streams too; the rewrite edits the traced
+    unit, so the streamed mapping must work on a copy of the dense MLP's nodes."""
+    import transformers
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96,
+                                                                 bos_token_id=1, eos_token_id=2))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    stream_upcycle(DISTINCT, tmp_path / "gpt2", tmp_path / "s")
+    a = upcycle.load(tmp_path / "s").state_dict()
+    b = upcycle.load(_in_memory(tmp_path / "gpt2", tmp_path / "m", DISTINCT)).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
