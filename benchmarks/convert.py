@@ -17,7 +17,17 @@ conversion's own; the process peak is in the JSON too. The baseline is a plain c
 of the same output weight files (read + write + fsync, as the converter fsyncs its shards), timed
 in another child. Prints a table and writes JSON (default benchmarks/convert_results.json).
 
+Side by side with mergekit-moe (`pip install -e .[bench]`; skipped with a message if absent): the
+job of issue 12, SmolLM2-135M fp32 -> 8 full-width copies of the MLP, top-2, Mixtral format, each
+tool with its defaults (mergekit: gate_mode hidden, its only way to give each expert a distinct
+router; ours: the e8g1t2 preset with per-layer verification on). Each command runs as its own
+process, alternated, `--repeats` times; wall time and whole-process peak RSS (ru_maxrss from
+wait4: both tools import torch and transformers) are reported as median [min, max]. Also timed:
+our in-memory `--format hf`, and the synthetic 3 GB Llama at E = 2 with `--stream --format hf`,
+each next to copying its output bytes.
+
     .venv/bin/python benchmarks/convert.py [--models smollm2-135m synthetic-3gb] [--keep]
+                                           [--versus-mergekit] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -156,11 +166,112 @@ def bench(name: str, src: Path) -> dict:
     }
 
 
+# --- side by side with mergekit-moe -----------------------------------------------------------------
+
+def mergekit_moe() -> str | None:
+    exe = Path(sys.executable).parent / "mergekit-moe"
+    return str(exe) if exe.is_file() else shutil.which("mergekit-moe")
+
+
+def timed(cmd: list[str]) -> dict:
+    """Run `cmd` as its own process: wall seconds and its peak RSS (ru_maxrss of this child only)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    output = p.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(p.pid, 0)
+    seconds = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{output[-3000:]}")
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def _stats(values: list[float]) -> dict:
+    v = sorted(values)
+    return {"median": v[len(v) // 2], "min": v[0], "max": v[-1], "all": values}
+
+
+def versus_mergekit(src: Path, repeats: int) -> dict:
+    """Issue 12's job, each tool as a fresh process, alternated `repeats` times."""
+    exe = mergekit_moe()
+    cfg = WORK / "mergekit-e8-top2.yaml"
+    experts = "".join(f"  - source_model: {src}\n    positive_prompts: [\"expert {i}\"]\n" for i in range(8))
+    cfg.write_text(f"base_model: {src}\ngate_mode: hidden\ndtype: float32\nexperts_per_token: 2\nexperts:\n{experts}")
+    ours = [sys.executable, "-m", "upcycle.compiler.cli", "e8g1t2", str(src), "--format", "hf", "--force", "--no-progress"]
+    jobs = {
+        "upcycle --stream --format hf": lambda out: ours + ["-o", str(out), "--stream"],
+        "upcycle --format hf (in memory)": lambda out: ours + ["-o", str(out), "--no-stream"],
+    }
+    if exe:
+        jobs["mergekit-moe"] = lambda out: [exe, str(cfg), str(out), "--quiet",
+                                             "--i-understand-this-is-not-useful-without-training"]
+    else:
+        print("mergekit-moe is not installed (pip install -e .[bench]): comparing without it", file=sys.stderr)
+    runs: dict[str, list[dict]] = {k: [] for k in jobs}
+    runs["copy the output bytes"] = []
+    for r in range(repeats):
+        for name, cmd in jobs.items():
+            out = WORK / "versus-out"
+            shutil.rmtree(out, ignore_errors=True)
+            res = timed(cmd(out))
+            res["output_bytes"] = folder_bytes(out)
+            runs[name].append(res)
+            print(f"  [{r + 1}/{repeats}] {name}: {res['seconds']:.1f} s, {res['peak_rss_mb']:.0f} MB", file=sys.stderr)
+            if name.startswith("upcycle --stream"):
+                copy = WORK / "versus-copy"
+                shutil.rmtree(copy, ignore_errors=True)
+                runs["copy the output bytes"].append(_child("copy", str(out), str(copy)))
+                shutil.rmtree(copy, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+    table = {name: {"seconds": _stats([x["seconds"] for x in xs]), "peak_rss_mb": _stats([x["peak_rss_mb"] for x in xs]),
+                    "output_gb": xs[0].get("output_bytes", xs[0].get("bytes", 0)) / 1e9} for name, xs in runs.items()}
+    summary = {"job": "SmolLM2-135M fp32 -> E8 full-width copies, top-2, Mixtral format", "repeats": repeats,
+               "mergekit_version": _version("mergekit"), "tools": table}
+    if "mergekit-moe" in table:
+        mk, st = table["mergekit-moe"], table["upcycle --stream --format hf"]
+        summary["stream_time_over_mergekit"] = st["seconds"]["median"] / mk["seconds"]["median"]
+        summary["stream_rss_over_mergekit"] = st["peak_rss_mb"]["median"] / mk["peak_rss_mb"]["median"]
+    return summary
+
+
+def synthetic_hf(src: Path) -> dict:
+    """The synthetic 3 GB Llama at E = 2 through `--stream --format hf`, next to copying its output."""
+    spec = WORK / "e2.yaml"
+    spec.write_text(json.dumps(SPEC))
+    out, copy = WORK / "synthetic-hf", WORK / "synthetic-hf-copy"
+    shutil.rmtree(out, ignore_errors=True)
+    res = timed([sys.executable, "-m", "upcycle.compiler.cli", str(spec), str(src), "-o", str(out), "--stream",
+                 "--format", "hf", "--force", "--no-progress"])
+    shutil.rmtree(copy, ignore_errors=True)
+    cp = _child("copy", str(out), str(copy))
+    res.update(output_gb=folder_bytes(out) / 1e9, copy_output_s=cp["seconds"], time_ratio=res["seconds"] / cp["seconds"])
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["smollm2-135m", "synthetic-3gb"])
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "convert_results.json"))
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint in .cache/bench-convert")
+    p.add_argument("--versus-mergekit", action="store_true",
+                   help="also run issue 12's job side by side with mergekit-moe, and the synthetic model with --format hf")
+    p.add_argument("--repeats", type=int, default=3, help="alternated runs per tool in --versus-mergekit")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -170,7 +281,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     WORK.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, versus = [], None
     for name in args.models:
         if name == "smollm2-135m":
             src = Path(_child("smollm2")["path"])
@@ -181,6 +292,10 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown model {name!r}")
         rows.append(bench(name, src))
+        if args.versus_mergekit and name == "smollm2-135m":
+            versus = versus_mergekit(src, args.repeats)
+        if args.versus_mergekit and name == "synthetic-3gb":
+            rows[-1]["format_hf"] = synthetic_hf(src)
         if name == "synthetic-3gb" and not args.keep:
             shutil.rmtree(src, ignore_errors=True)
     header = f"{'model':<15}{'in GB':>7}{'out GB':>8}{'convert s':>11}{'copy s':>8}{'ratio':>7}{'peak RSS MB':>13}{'RSS/in':>8}{'verified':>10}"
@@ -189,7 +304,23 @@ def main() -> None:
         print(f"{r['model']:<15}{r['input_gb']:>7.2f}{r['output_gb']:>8.2f}{r['convert_s']:>11.1f}{r['copy_output_s']:>8.1f}"
               f"{r['time_ratio']:>7.2f}{r['peak_rss_mb']:>13.0f}{r['rss_over_input']:>8.2f}"
               f"{str(r['layers_passed']) + '/' + str(r['layers_verified']):>10}")
-    Path(args.json).write_text(json.dumps({"spec": SPEC, "synthetic_config": SYNTH, "results": rows}, indent=2))
+    for r in rows:
+        if "format_hf" in r:
+            h = r["format_hf"]
+            print(f"{r['model']} --stream --format hf: {h['seconds']:.1f} s ({h['time_ratio']:.2f}x copying its "
+                  f"{h['output_gb']:.2f} GB output, {h['copy_output_s']:.1f} s), peak RSS {h['peak_rss_mb']:.0f} MB")
+    if versus:
+        print(f"\n{versus['job']} (median [min, max] of {versus['repeats']}; whole-process peak RSS)")
+        print(f"{'tool':<34}{'wall s':>22}{'peak RSS MB':>26}{'out GB':>8}")
+        for name, t in versus["tools"].items():
+            sec, rss = t["seconds"], t["peak_rss_mb"]
+            print(f"{name:<34}{sec['median']:>8.1f} [{sec['min']:5.1f}, {sec['max']:5.1f}]"
+                  f"{rss['median']:>10.0f} [{rss['min']:5.0f}, {rss['max']:5.0f}]{t['output_gb']:>8.2f}")
+        if "stream_time_over_mergekit" in versus:
+            print(f"streaming export / mergekit-moe: time {versus['stream_time_over_mergekit']:.2f}x, "
+                  f"peak RSS {versus['stream_rss_over_mergekit']:.2f}x")
+    Path(args.json).write_text(json.dumps({"spec": SPEC, "synthetic_config": SYNTH, "results": rows,
+                                           "versus_mergekit": versus}, indent=2))
     print(f"wrote {args.json}")
 
 

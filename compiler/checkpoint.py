@@ -7,7 +7,7 @@ Tensors are then read one at a time through `safe_open` (memory-mapped).
 
 Writing: `ShardWriter` knows every output tensor's name, dtype and shape up front (the rewrite is
 planned on the meta device), so each shard's header is written first and tensor bytes follow as
-they are produced; a sha256 of each file is computed while writing. Files follow the transformers
+they are produced (on a background thread); a sha256 of each file is computed while writing. Files follow the transformers
 layout: `model.safetensors`, or `model-0000k-of-0000N.safetensors` + `model.safetensors.index.json`.
 """
 
@@ -193,9 +193,14 @@ class OutTensor:
 
 class ShardWriter:
     """Writes tensors, in the planned order, into shards of at most `max_shard_bytes` (a tensor larger
-    than that gets a shard of its own). Call `write(name, tensor)` for each planned tensor in order."""
+    than that gets a shard of its own). Call `write(name, tensor)` for each planned tensor in order.
 
-    def __init__(self, folder: Path, plan: list[OutTensor], max_shard_bytes: int, metadata: dict | None = None):
+    The file writes, the sha256 and the fsyncs run on a background thread (all three release the
+    GIL), so they overlap the mapping of the next tensors instead of adding to it; at most
+    `max_pending_bytes` of produced tensors wait for the disk, which bounds the extra memory."""
+
+    def __init__(self, folder: Path, plan: list[OutTensor], max_shard_bytes: int, metadata: dict | None = None,
+                 max_pending_bytes: int = 64 << 20):
         self.folder = Path(folder)
         self.metadata = {"format": "pt", **(metadata or {})}
         shards: list[list[OutTensor]] = [[]]
@@ -211,13 +216,12 @@ class ShardWriter:
         self.shards = shards
         self.order = [(k, t) for k, s in enumerate(shards) for t in s]
         self._pos = 0
-        self._file = None
-        self._hash = None
         self._shard = -1
         self.files: dict[str, dict] = {}  # name -> {"bytes", "sha256"}
         self.total_bytes = sum(t.nbytes for t in plan)
+        self._io = _BackgroundIO(max_pending_bytes)
 
-    def _open(self, k: int) -> None:
+    def _header(self, k: int) -> bytes:
         header, offset = {}, 0
         for t in self.shards[k]:
             header[t.name] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
@@ -225,40 +229,29 @@ class ShardWriter:
         header["__metadata__"] = self.metadata
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self._file = open(self.folder / self.names[k], "wb")
-        self._hash = hashlib.sha256()
-        self._shard = k
-        self._emit(struct.pack("<Q", len(raw)) + raw)
-
-    def _emit(self, data) -> None:
-        self._file.write(data)
-        self._hash.update(data)
-
-    def _close(self) -> None:
-        if self._file is None:
-            return
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        path = self.folder / self.names[self._shard]
-        self.files[path.name] = {"bytes": path.stat().st_size, "sha256": self._hash.hexdigest()}
-        self._file = None
+        return struct.pack("<Q", len(raw)) + raw
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         k, t = self.order[self._pos]
         if name != t.name or tuple(tensor.shape) != t.shape or tensor.dtype != t.dtype:
             raise RuntimeError(f"writer expected {t.name} {t.dtype}{list(t.shape)}, got {name} {tensor.dtype}{list(tensor.shape)}")
         if k != self._shard:
-            self._close()
-            self._open(k)
+            if self._shard >= 0:
+                self._io.close_file()
+            self._shard = k
+            self._io.open_file(self.folder / self.names[k], self._header(k))
+        # the view keeps the tensor's storage alive until the background thread has written it
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._emit(memoryview(data))
+        self._io.put(memoryview(data))
         self._pos += 1
 
     def finish(self) -> dict[str, dict]:
         if self._pos != len(self.order):
             raise RuntimeError(f"writer finished after {self._pos} of {len(self.order)} tensors")
-        self._close()
+        if self._shard >= 0:
+            self._io.close_file()
+        for path, digest in self._io.join():
+            self.files[path.name] = {"bytes": path.stat().st_size, "sha256": digest}
         if len(self.names) > 1:
             weight_map = {t.name: self.names[k] for k, t in self.order}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
@@ -266,6 +259,113 @@ class ShardWriter:
         return self.files
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._io.abort()
+
+
+def _fsync_close(file) -> None:
+    try:
+        os.fsync(file.fileno())
+    finally:
+        file.close()
+
+
+class _BackgroundIO:
+    """One thread that appends buffers to the open file, one that hashes each buffer while it is
+    written, one that fsyncs each finished file. An error there is raised by the producer's next call."""
+
+    def __init__(self, max_pending_bytes: int):
+        import queue
+        import threading
+
+        self._queue: "queue.Queue" = queue.Queue()
+        self._cond = threading.Condition()
+        self._pending = 0
+        self._max_pending = max_pending_bytes
+        self._error: BaseException | None = None
+        self._done: list[tuple[Path, str]] = []
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="upcycle-shard-hash")
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="upcycle-shard-fsync")
+        self._synced: list = []
+        self._thread = threading.Thread(target=self._run, name="upcycle-shard-writer", daemon=True)
+        self._thread.start()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def open_file(self, path: Path, header: bytes) -> None:
+        self._check()
+        self._queue.put(("open", path, header))
+
+    def put(self, data: memoryview) -> None:
+        with self._cond:  # wait until the disk has caught up (one buffer may always be pending)
+            self._cond.wait_for(lambda: self._pending == 0 or self._pending + data.nbytes <= self._max_pending
+                                or self._error is not None)
+            self._pending += data.nbytes
+        self._check()
+        self._queue.put(("data", data))
+
+    def close_file(self) -> None:
+        self._check()
+        self._queue.put(("close",))
+
+    def join(self) -> list[tuple[Path, str]]:
+        self._queue.put(("stop",))
+        self._thread.join()
+        self._check()
+        for f in self._synced:
+            f.result()
+        return self._done
+
+    def abort(self) -> None:
+        self._queue.put(("abort",))
+        self._thread.join()
+
+    def _run(self) -> None:
+        file, digest, path = None, None, None
+        while True:
+            item = self._queue.get()
+            kind = item[0]
+            if kind in ("stop", "abort"):
+                if file is not None:
+                    file.close()
+                self._hasher.shutdown()
+                self._syncer.shutdown()
+                return
+            if self._error is not None:  # drain after a failure; release waiting producers
+                if kind == "data":
+                    self._release(item[1].nbytes)
+                continue
+            try:
+                if kind == "open":
+                    _, path, header = item
+                    file, digest = open(path, "wb"), hashlib.sha256()
+                    file.write(header)
+                    digest.update(header)
+                elif kind == "data":
+                    try:  # hash on a second thread while this one writes the same buffer
+                        hashed = self._hasher.submit(digest.update, item[1])
+                        self._write(file, item[1])
+                        hashed.result()
+                    finally:
+                        self._release(item[1].nbytes)
+                elif kind == "close":  # fsync on a third thread: the next shard's writes go on meanwhile
+                    file.flush()
+                    self._synced.append(self._syncer.submit(_fsync_close, file))
+                    file = None
+                    self._done.append((path, digest.hexdigest()))
+            except BaseException as e:  # noqa: BLE001 - re-raised on the producer's thread
+                self._error = e
+                with self._cond:
+                    self._cond.notify_all()
+
+    @staticmethod
+    def _write(file, data: memoryview) -> None:
+        file.write(data)
+
+    def _release(self, nbytes: int) -> None:
+        with self._cond:
+            self._pending -= nbytes
+            self._cond.notify_all()

@@ -240,7 +240,11 @@ class MoEBuilder:
             x = torch.randn(self.spec.verify.probe_tokens, match.d_model, generator=g).to(w.device, w.dtype)
         y = dense_fn(x)
         unscaled = None
-        if scale.factor != 1.0:
+        if scale.factor != 1.0 and scale.first == 1.0 and not self.spec.experts.shared_experts:
+            # the factor sits on the down projection (and its bias) of every routed expert and the
+            # router does not see it, so the unscaled layer's output is the scaled one over a
+            unscaled = 1.0 / scale.factor
+        elif scale.factor != 1.0:
             unscaled = self.moe_for(match, unit, Scaling(1.0, 1.0, 1.0, "none", True), index)
         was = moe.training
         moe.eval()

@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import json
 import time
@@ -149,6 +151,19 @@ class StreamResult:
     seconds: float
 
 
+@contextlib.contextmanager
+def _one_core_for_io():
+    """The shard writer's thread (file writes into the page cache, sha256) keeps one core busy; torch
+    ops that also want every core then wait on each other at their barriers (measured on 2 cores:
+    the per-layer verification ran 5x slower). So the mapping leaves one core to the writer."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = False,
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
                    writer_factory=ShardWriter, fmt: str = "native", target: str | None = None) -> StreamResult:
@@ -226,9 +241,10 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
         return state
 
     if hf is not None:
-        return _write_hf(hf, spec, mp, src, out, outputs, tensors, moe_state, reader, bar, builder, max_shard_bytes,
-                         force, t0)
-    with atomic_output(out, force=force) as tmp:
+        with _one_core_for_io():
+            return _write_hf(hf, spec, mp, src, out, outputs, tensors, moe_state, reader, bar, builder,
+                             max_shard_bytes, force, t0)
+    with atomic_output(out, force=force) as tmp, _one_core_for_io():
         writer = writer_factory(tmp, outputs, max_shard_bytes, metadata={"upcycle_format": "1"})
         try:
             current, cache = None, {}

@@ -342,13 +342,15 @@ def continue_variant(v: Variant, s: Setting, out: Path, seed: int, train, val, l
 def part_a(s: Setting, out: Path, log, only: list | None = None) -> None:
     train, val = load_text(s)
     log(f"part A ({s.name}): train {train.shape[0]} x {s.seq} bytes, validation {min(s.eval_seqs, val.shape[0])} x {s.seq}")
+    # Seed-major: every variant of the first seed finishes before the next seed's pre-training, so a
+    # run cut short (a session ends) still leaves one complete comparison.
     for seed in s.seeds:
         pretrain(s, out, seed, train, val, log)
-    for v in VARIANTS:
-        if only and v.name not in only:
-            continue
-        for seed in (s.seeds if v.seeds == "all" else s.seeds[:1]):
-            continue_variant(v, s, out, seed, train, val, log)
+        for v in VARIANTS:
+            if only and v.name not in only:
+                continue
+            if v.seeds == "all" or seed == s.seeds[0]:
+                continue_variant(v, s, out, seed, train, val, log)
 
 
 # --- part B ----------------------------------------------------------------------------------------

@@ -59,10 +59,15 @@ def compare(dense_out: torch.Tensor, moe_out: torch.Tensor) -> tuple[float, floa
 
 @torch.no_grad()
 def check_layer(mlp_path: str, moe: nn.Module, x: torch.Tensor, dense_out: torch.Tensor, *, exact_expected: bool,
-                tolerance: float, unscaled: nn.Module | None = None) -> LayerCheck:
+                tolerance: float, unscaled: nn.Module | float | None = None) -> LayerCheck:
+    """`unscaled`: the layer without weight scaling, or the number its output is the scaled output
+    times (when the scale is a pure output factor), for the `rel err (no scaling)` column."""
     moe_out = moe(x)
     max_abs, rel = compare(dense_out, moe_out)
-    rel_unscaled = compare(dense_out, unscaled(x))[1] if unscaled is not None else None
+    if isinstance(unscaled, float):
+        rel_unscaled = compare(dense_out, moe_out.float() * unscaled)[1]
+    else:
+        rel_unscaled = compare(dense_out, unscaled(x))[1] if unscaled is not None else None
     scale = float(dense_out.float().abs().max()) if dense_out.numel() else 0.0
     # exact cases: max abs error within tolerance of the output's own scale (fp32 summation order)
     passed = (max_abs <= tolerance * max(1.0, scale)) if exact_expected else True

@@ -234,7 +234,7 @@ def expert_weights(dense: DenseMLPWeights, spec: UpcycleSpec, scale: Scaling, ge
         "gate_bias": experts_from_rows(dense.gate_bias, scale.first),
     }
     down = dense.down.float().t() * scale.down  # [F, D]
-    out["down_proj"] = shard_rows(down, g)[s:].transpose(1, 2).repeat(e, 1, 1)  # [N, D, H]
+    out["down_proj"] = shard_rows(down, g)[s:].transpose(1, 2).contiguous().repeat(e, 1, 1)  # [N, D, H]: transpose once, copy E times
     n = out["down_proj"].shape[0]
     if dense.down_bias is not None and s:
         out["down_bias"] = dense.down_bias.new_zeros(n, d)  # the shared expert adds the whole bias, exactly

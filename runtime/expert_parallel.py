@@ -9,7 +9,7 @@ experts r·N/ep … (r+1)·N/ep − 1):
     rows x[token] to their ranks             all_to_all_single (autograd)  [S, D] -> [R, D]
     local experts on the received rows       any backend, weight 1         [R, D]
     results back to the sending rank         all_to_all_single (autograd)  [R, D] -> [S, D]
-    combine Σ_k w · y per token              index_add in fp32             [T, D]
+    combine Σ_k w · y per token              scatter-add in fp32           [T, D]
 
 No [tokens, experts] tensor is built. Gradients reach x (through both all-to-alls), the local
 experts, and the router (through w, applied on the sending rank). The token counts make this path
@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
+
+from .grouped import add_rows
 
 
 @dataclass
@@ -110,7 +112,7 @@ def ep_forward(layer: nn.Module, x: Tensor, indices: Tensor, weights: Tensor, ru
     y = _a2a(y_recv, send_splits, recv_splits, ep.group)  # [S, D] in sorted-slot order
     w = weights.reshape(-1)[order].float()  # [S]
     out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
-    return out.index_add_(0, token, y.float() * w[:, None]).to(x.dtype)  # [T, D]
+    return add_rows(out, token, y.float() * w[:, None]).to(x.dtype)  # [T, D]
 
 
 def expert_params(model: nn.Module) -> list:

@@ -8,7 +8,7 @@ expert's rows one contiguous segment, so each projection is one grouped GEMM ove
     g, u = x[token] @ Wg_eᵀ, x[token] @ Wu_eᵀ   # [S, H] per segment e
     h    = act(g) ⊙ u                          # [S, H]
     y    = h @ Wd_eᵀ                           # [S, D]
-    out  = Σ_k w · y   (index_add over token)  # [T, D], accumulated in fp32
+    out  = Σ_k w · y   (scatter-add over token)  # [T, D], accumulated in fp32
 
 Three interchangeable strategies compute this (all tested against `reference_forward`):
   - `loop`:       one fused pass per expert segment with per-expert temporaries. Fastest on CPU,
@@ -86,6 +86,13 @@ def _segments(offsets: Tensor) -> tuple[list[int], list[int]]:
     return sizes, [e for e, n in enumerate(sizes) if n]
 
 
+def add_rows(out: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+    """out[index[i]] += rows[i], in place. scatter_add_ with the index broadcast along the row rather
+    than index_add_: on CPU index_add_ adds row by row (~10x slower at [1024, 576]); the sums are the
+    same, in the same order."""
+    return out.scatter_add_(0, index[:, None].expand_as(rows), rows)
+
+
 def _loop_forward(x, w_slot, token, offsets, gw, uw, dw, gb, ub, db, activation, save):
     act = get_activation(activation)
     s_total, h_dim = token.shape[0], uw.shape[1]
@@ -111,7 +118,7 @@ def _loop_forward(x, w_slot, token, offsets, gw, uw, dw, gb, ub, db, activation,
             y = torch.mm(h.mul_(ws[e][:, None]), dwT[e])  # [n, D]
         else:
             y = _mm(h, dwT[e], dbs[e]).float().mul_(ws[e][:, None])
-        out.index_add_(0, te, y)
+        add_rows(out, te, y)
     return out, g_all, u_all
 
 
@@ -173,7 +180,7 @@ def _loop_backward(dout, x, w_slot, token, offsets, g_all, u_all, gw, uw, dw, gb
             torch.mm(dg.t(), xe, out=d_gwl[e])
             if gb is not None:
                 d_gb[e] = dg.sum(0)
-        dx.index_add_(0, te, dxe if dxe.dtype == torch.float32 else dxe.float())
+        add_rows(dx, te, dxe if dxe.dtype == torch.float32 else dxe.float())
     return dx.to(dtype), dw_slot, d_gw, d_uw, d_dw, d_gb, d_ub, d_db
 
 
@@ -287,7 +294,7 @@ def _whole_forward(x, w_slot, token, offsets, gw, uw, dw, gb, ub, db, activation
     if db is not None:
         y = y + db[seg.expert]
     y = y.float() * w_slot[:, None]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y)
+    out = add_rows(torch.zeros(x.shape, dtype=torch.float32, device=x.device), token, y)
     if not save:
         g, u = x.new_empty(0, uw.shape[1]), x.new_empty(0, uw.shape[1])
     return out, g, u
@@ -327,7 +334,7 @@ def _whole_backward(dout, x, w_slot, token, offsets, g, u, gw, uw, dw, gb, ub, d
         dxs = dxs + _gmm(dg, gw, seg, strategy)
         d_gw = _gmm_wgrad(dg, xs, seg, strategy)
         d_gb = None if gb is None else _segment_sum(gb, seg.expert, dg)
-    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, dxs.float())
+    dx = add_rows(torch.zeros(x.shape, dtype=torch.float32, device=x.device), token, dxs.float())
     return dx.to(dtype), dw_slot, d_gw, d_uw, d_dw, d_gb, d_ub, d_db
 
 

@@ -52,7 +52,22 @@ class SpecError(UpcycleError, ValueError):
         self.column = column
         super().__init__(str(self))
 
+    @classmethod
+    def all_of(cls, errors: list["SpecError"]) -> "SpecError":
+        """One error for several (sorted by line): the first's location, every one on its own line."""
+        errors = sorted(errors, key=lambda e: (e.line is None, e.line or 0))
+        if len(errors) == 1:
+            return errors[0]
+        first = errors[0]
+        err = cls(first.message, file=first.file, field=first.field, line=first.line, column=first.column)
+        err.errors = errors
+        err.args = (str(err),)
+        return err
+
     def __str__(self) -> str:
+        many = getattr(self, "errors", None)
+        if many:
+            return f"{len(many)} errors in the spec:\n" + "\n".join(f"  {e}" for e in many)
         parts = [] if self.file is None and self.line is None else [_location(self.file, self.line, self.column)]
         if self.field:
             parts.append(_one_line(self.field))

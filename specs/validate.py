@@ -117,9 +117,26 @@ class _Checker:
     def __init__(self, file: str, lines: Mapping):
         self.file = file
         self.lines = lines
+        self.errors: list[SpecError] = []  # every error of the file, reported together
 
     def error(self, path: str, message: str) -> SpecError:
         return SpecError(message, file=self.file, field=path, line=line_of(self.lines, path))
+
+    def fail(self, path: str, message: str, default=None):
+        """Record an error and go on with `default`, so one run reports every error of the file."""
+        self.errors.append(self.error(path, message))
+        return default
+
+    def failed_under(self, prefix: str) -> bool:
+        return any((e.field or "").startswith(prefix) for e in self.errors)
+
+    def guarded(self, method, data: Mapping, default):
+        """A check that stops at its first error (layer forms): record it and use the default."""
+        try:
+            return method(data)
+        except SpecError as exc:
+            self.errors.append(exc)
+            return default
 
     # -- structure -------------------------------------------------------------------------
     def keys(self, data: Mapping, path: str, valid) -> None:
@@ -131,7 +148,7 @@ class _Checker:
             where = f"{path}.{shown}" if path else shown
             hint = _HINTS.get(key) if isinstance(key, str) else None
             hint = f"{hint}; " if hint else _suggest(key, valid)
-            raise self.error(where, f"unknown key; {hint}valid keys: {', '.join(valid)}")
+            self.fail(where, f"unknown key; {hint}valid keys: {', '.join(valid)}")
 
     def section(self, data: Mapping, name: str) -> Mapping:
         value = data.get(name)
@@ -139,7 +156,7 @@ class _Checker:
             return {}
         if not isinstance(value, Mapping):
             keys = ", ".join(SECTION_KEYS[name])
-            raise self.error(name, f"must be a mapping with keys {keys}, {_got(value)}")
+            return self.fail(name, f"must be a mapping with keys {keys}, {_got(value)}", {})
         self.keys(value, name, SECTION_KEYS[name])
         return value
 
@@ -153,7 +170,7 @@ class _Checker:
             big = maximum >= 2**32 and (maximum + 1) & maximum == 0  # 2**k - 1: say so, not 20 digits
             bound += f" and <= {f'2**{maximum.bit_length()} - 1' if big else maximum}"
         if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
-            raise self.error(path, f"must be an integer {bound}, {_got(value)}")
+            return self.fail(path, f"must be an integer {bound}, {_got(value)}", default)
         return int(value)
 
     def number(self, data: Mapping, key: str, path: str, default: float, *, low: float, low_open: bool, high: float | None = None) -> float:
@@ -166,7 +183,7 @@ class _Checker:
         ok = _is_number(value) and math.isfinite(value)
         ok = ok and (value > low if low_open else value >= low) and (high is None or value < high)
         if not ok:
-            raise self.error(path, f"must be a number {bound}, {_got(value)}")
+            return self.fail(path, f"must be a number {bound}, {_got(value)}", default)
         return float(value)
 
     def choice(self, data: Mapping, key: str, path: str, default: str, choices) -> str:
@@ -174,7 +191,8 @@ class _Checker:
             return default
         value = data[key]
         if not isinstance(value, str) or value not in choices:
-            raise self.error(path, f"must be one of {', '.join(choices)}; {_got(value)}{_suggest_after(value, choices)}")
+            return self.fail(path, f"must be one of {', '.join(choices)}; {_got(value)}{_suggest_after(value, choices)}",
+                             default)
         return value
 
     def boolean(self, data: Mapping, key: str, path: str, default: bool) -> bool:
@@ -182,7 +200,7 @@ class _Checker:
             return default
         value = data[key]
         if not isinstance(value, bool):
-            raise self.error(path, f"must be true or false, {_got(value)}")
+            return self.fail(path, f"must be true or false, {_got(value)}", default)
         return value
 
     # -- sections --------------------------------------------------------------------------
@@ -195,21 +213,25 @@ class _Checker:
             shared_experts=self.integer(d, "shared_experts", p + "shared_experts", D.shared_experts, 0),
             drop_upcycling=self.number(d, "drop_upcycling", p + "drop_upcycling", D.drop_upcycling, low=0.0, low_open=False, high=1.0),
         )
+        if self.failed_under(p):  # the checks below compare fields: only when each was valid
+            return spec
         if spec.shared_experts and spec.shared_experts >= spec.granularity:
-            raise self.error(
+            return self.fail(
                 p + "shared_experts",
                 f"must be < granularity ({spec.granularity}): the shared expert takes {spec.shared_experts} of the "
                 f"{spec.granularity} shards of the dense MLP and the routed experts are built from the rest",
+                spec,
             )
         if spec.top_k > spec.num_experts:
             shared = f" - shared_experts {spec.shared_experts}" if spec.shared_experts else ""
-            raise self.error(
+            return self.fail(
                 p + "top_k",
                 f"must be <= the number of experts (expansion {spec.expansion} x (granularity "
                 f"{spec.granularity}{shared}) = {spec.num_experts}), got {spec.top_k}"
                 if shared else
                 f"must be <= the number of experts (expansion {spec.expansion} x granularity "
                 f"{spec.granularity} = {spec.num_experts}), got {spec.top_k}",
+                spec,
             )
         return spec
 
@@ -250,9 +272,10 @@ class _Checker:
             return value
         if _is_number(value) and math.isfinite(value) and value > 0:
             return float(value)
-        raise self.error(
+        return self.fail(
             "weight_scaling",
             f"must be one of auto, none or a positive number; {_got(value)}{_suggest_after(value, ('auto', 'none'))}",
+            "auto",
         )
 
     def layers(self, data: Mapping) -> LayerSelection:
@@ -280,6 +303,8 @@ class _Checker:
 
     def _layer_mapping(self, d: Mapping) -> LayerSelection:
         self.keys(d, "layers", LAYER_KEYS)
+        if self.failed_under("layers."):  # an unknown key (a misspelt mode) says it all
+            return LayerSelection()
         modes = [m for m in LAYER_MODES if m in d]
         if len(modes) != 1:
             what = "needs" if not modes else f"has {', '.join(modes)}; give only"
@@ -337,12 +362,14 @@ def build_spec(data, *, file: str, lines: Mapping) -> tuple[UpcycleSpec, list[st
         router=checker.router(data),
         weight_scaling=checker.weight_scaling(data),
         scaling_placement=checker.choice(data, "scaling_placement", "scaling_placement", "auto", get_args(ScalingPlacement)),
-        layers=checker.layers(data),
+        layers=checker.guarded(checker.layers, data, LayerSelection()),
         runtime=checker.runtime(data),
         verify=checker.verify(data),
         seed=checker.integer(data, "seed", "seed", 0, 0, 2**64 - 1),
         source=file,
         lines=dict(lines),
     )
+    if checker.errors:
+        raise SpecError.all_of(checker.errors)
     warning = _virtual_group_warning(spec, checker)
     return spec, [warning] if warning else []

@@ -202,15 +202,15 @@ def test_unsupported_activation(tmp_path, capsys, stream):
 
 def test_full_disk_streaming(good, tmp_path, capsys, monkeypatch):
     calls = {"n": 0}
-    real = checkpoint.ShardWriter._emit
+    real = checkpoint._BackgroundIO._write
 
-    def emit(self, data):
+    def write(file, data):  # on the writer's thread: the error must reach the user all the same
         calls["n"] += 1
         if calls["n"] > 3:
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.folder))
-        real(self, data)
+            raise OSError(errno.ENOSPC, "No space left on device", file.name)
+        real(file, data)
 
-    monkeypatch.setattr(checkpoint.ShardWriter, "_emit", emit)
+    monkeypatch.setattr(checkpoint._BackgroundIO, "_write", staticmethod(write))
     _expect_error(capsys, tmp_path, [SPEC, str(good), "--stream"], "No space left on device")
 
 

@@ -500,3 +500,27 @@ def test_compile_result_carries_the_pass_log():
     assert names[-1] == "rewrite-mlps" and names[0] == "trace-units"
     text = explain(result.pass_log)
     assert "[transform] rewrite-mlps" in text and "0: rewrite_graph" in text
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_unscaled_error_column_equals_the_layer_built_without_scaling(arch):
+    """The report's `rel err (no scaling)` is derived from the scaled output (the factor sits on the
+    down projection): it must equal the error of the layer actually built with weight_scaling none."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from upcycle import compile_upcycle
+
+    def model():
+        torch.manual_seed(0)
+        if arch == "llama":
+            return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=96)).eval()
+        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64)).eval()
+
+    base = {"experts": {"expansion": 8, "granularity": 2, "top_k": 2}}
+    _, scaled = compile_upcycle(model(), base, return_report=True)
+    _, plain = compile_upcycle(model(), {**base, "weight_scaling": "none"}, return_report=True)
+    assert scaled.layers and len(scaled.layers) == len(plain.layers)
+    for s, p in zip(scaled.layers, plain.layers):
+        assert s["rel_error_unscaled"] == pytest.approx(p["rel_error"], rel=1e-5, abs=1e-7)
+        assert s["rel_error_unscaled"] != pytest.approx(s["rel_error"], rel=1e-3)

@@ -479,7 +479,8 @@ def _load_or_spec_error(source):
         try:
             result = load_spec(source)
         except SpecError as err:
-            assert "\n" not in str(err)
+            for one in getattr(err, "errors", [err]):  # several errors: one line each
+                assert "\n" not in str(one)
             return err
     assert isinstance(result, UpcycleSpec)
     return result
@@ -579,3 +580,17 @@ def test_json_schema_in_step_with_the_validator(tmp_path, capsys):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
     assert run([]) == 2  # no spec, no model: one line
+
+
+def test_every_error_of_a_file_is_reported_at_once(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("experts:\n  expansion: 0\n  topk: 2\nrouter:\n  type: softmax_then_top\n"
+                    "verify:\n  enabled: maybe\nlayers: [1, 1]\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "5 errors in the spec:"
+    assert [ln.split(": ")[1] for ln in lines[1:]] == ["experts.expansion", "experts.topk", "router.type",
+                                                       "verify.enabled", "layers[1]"]
+    assert all(f"bad.yaml:{n}:" in ln for n, ln in zip([2, 3, 5, 7, 8], lines[1:]))
+    assert info.value.field == "experts.expansion" and info.value.line == 2  # the first, for programs
