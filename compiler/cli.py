@@ -12,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 
@@ -32,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole-module .pt (runs code from the file)")
     p.add_argument("--no-verify", action="store_true", help="skip the dense-vs-MoE probe check")
     p.add_argument("--probe-tokens", type=int, default=None, help="tokens in the verification probe batch")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (bars are drawn only on a terminal)")
+    p.add_argument("--dtype", choices=["source", "bf16", "fp16", "fp32"], default="source",
+                   help="dtype of the written weights (default: the source checkpoint's); the mapping runs in fp32 "
+                        "or the source dtype and is cast on write; native outputs keep routers in fp32")
     p.add_argument("--config", help="config.json (or its folder) for a bare .safetensors / .pt state dict")
     stream = p.add_mutually_exclusive_group()
     stream.add_argument("--stream", action="store_true",
@@ -51,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _fail(message: str, code: int) -> int:
     print(f"upcycle-compile: error: {message}", file=sys.stderr)
     return code
+
+
+OUT_DTYPES = {"source": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _bars(args) -> bool:
+    """Progress bars only on a terminal: in logs their carriage returns are noise."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def cast_output(model, dtype) -> None:
+    """The upcycled model in `dtype` (routers stay fp32: router.py), its config saying so."""
+    model.to(dtype)
+    if getattr(model, "config", None) is not None:
+        model.config.dtype = dtype
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -74,7 +94,7 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.spec is None or args.model is None:
         return _fail("give a SPEC (file or preset) and a MODEL (see --help)", EXIT_USER_ERROR)
-    if args.no_progress:  # transformers' own loading bars too
+    if not _bars(args):  # transformers' own loading bars too
         try:
             from transformers.utils import logging as hf_logging
 
@@ -116,7 +136,8 @@ def run(argv: list[str] | None = None) -> int:
                 if args.dry_run:
                     return 0
             shard = _parse_size(args.max_shard_size)
-            common = dict(config=args.config, force=args.force, max_shard_bytes=shard, progress=not args.no_progress)
+            common = dict(config=args.config, force=args.force, max_shard_bytes=shard, progress=_bars(args),
+                          dtype=OUT_DTYPES[args.dtype])
             hf_error = None
             if args.format == "hf":
                 from .export_hf import ExportError
@@ -147,7 +168,9 @@ def run(argv: list[str] | None = None) -> int:
         example = loaded.example_inputs
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = upcycle_model(loaded.model, spec, example_inputs=_as_probe(example), progress=not args.no_progress)
+            result = upcycle_model(loaded.model, spec, example_inputs=_as_probe(example), progress=_bars(args))
+        if OUT_DTYPES[args.dtype] is not None:  # after verification, which ran in the source dtype
+            cast_output(result.model, OUT_DTYPES[args.dtype])
         for w in caught:
             if issubclass(w.category, (UserWarning,)) and "upcycle" in str(w.filename):
                 print(f"upcycle-compile: warning: {w.message}", file=sys.stderr)
@@ -157,7 +180,8 @@ def run(argv: list[str] | None = None) -> int:
             from .export_hf import ExportError, export_hf
 
             try:
-                out = export_hf(result.model, args.output, spec=spec, report=result.report, force=args.force)
+                out = export_hf(result.model, args.output, spec=spec, report=result.report, force=args.force,
+                                files=loaded.extra_files or {})
                 print(f"wrote {out} (transformers format)")
                 return 0
             except ExportError as exc:  # no transformers MoE counterpart: keep the work, in the native format

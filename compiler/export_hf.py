@@ -18,13 +18,16 @@ Layout in transformers 5.x: `mlp.gate.weight` [N, D] (router), `mlp.experts.gate
 
 Shared expert (Qwen2-MoE only): transformers scales it by sigmoid(shared_expert_gate · x). The
 gate weight is set to zero (sigmoid(0) = 1/2) and the shared expert's down projection doubled,
-so the exported layer equals ours exactly at init, and the gate trains from there.
+so the exported layer equals ours exactly at init, and the gate trains from there. Without a shared
+expert of ours, Qwen2-MoE still builds one: it gets width 1 and all-zero weights (its output is
+exactly 0, and its gradients are 0, so training keeps it at 0); width 0 would make transformers
+warn about zero-element tensors on every load.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
+import shutil
 from pathlib import Path
 
 import torch
@@ -36,6 +39,7 @@ from upcycle.specs import dump_spec, load_spec
 
 from .errors import UpcycleError
 from .checkpoint import OutTensor, ShardWriter
+from .loading import source_files
 from .saving import atomic_output
 
 __all__ = ["ExportError", "export_hf", "hf_export_plan"]
@@ -158,7 +162,7 @@ def _config(model: nn.Module, plan: dict, spec):
             layer_types = ["sliding_attention" if sliding else "full_attention"] * src.num_hidden_layers
         cfg = transformers.Qwen2MoeConfig(
             **common, intermediate_size=src.intermediate_size, moe_intermediate_size=c.d_expert,
-            num_experts=c.num_experts, shared_expert_intermediate_size=c.shared_d_ffn,
+            num_experts=c.num_experts, shared_expert_intermediate_size=c.shared_d_ffn or 1,
             norm_topk_prob=c.router_type == "topk_then_softmax", decoder_sparse_step=1,
             mlp_only_layers=list(plan["dense_layers"]), qkv_bias=src.model_type in QWEN2_FAMILY,
             use_sliding_window=sliding is not None, sliding_window=sliding,
@@ -189,10 +193,10 @@ def hf_layer_tensors(state: dict[str, torch.Tensor], c, target: str, prefix: str
             out[prefix + "shared_expert.up_proj.weight"] = state["shared_expert.up_proj.weight"]
             # sigmoid(0) = 1/2 gates it in transformers: double W2 so the product is shared_scale · W2
             out[prefix + "shared_expert.down_proj.weight"] = state["shared_expert.down_proj.weight"] * (2.0 * c.shared_scale)
-        else:  # shared_expert_intermediate_size 0: empty matrices, a gate that multiplies zero
-            out[prefix + "shared_expert.gate_proj.weight"] = w.new_zeros(0, d)
-            out[prefix + "shared_expert.up_proj.weight"] = w.new_zeros(0, d)
-            out[prefix + "shared_expert.down_proj.weight"] = w.new_zeros(d, 0)
+        else:  # no shared expert: width 1, all zeros (output exactly 0, gradients 0: it stays 0)
+            out[prefix + "shared_expert.gate_proj.weight"] = w.new_zeros(1, d)
+            out[prefix + "shared_expert.up_proj.weight"] = w.new_zeros(1, d)
+            out[prefix + "shared_expert.down_proj.weight"] = w.new_zeros(d, 1)
         out[prefix + "shared_expert_gate.weight"] = w.new_zeros(1, d)
     return {k: v.detach().to(dtype) for k, v in out.items()}
 
@@ -244,9 +248,7 @@ def build_hf_model(model: nn.Module, spec=None, target: str | None = None) -> nn
     plan = hf_export_plan(model, spec, target)
     cfg = _config(model, plan, spec)
     cls = transformers.MixtralForCausalLM if plan["target"] == "mixtral" else transformers.Qwen2MoeForCausalLM
-    with warnings.catch_warnings():  # shared_expert_intermediate_size 0 builds empty Linear layers
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        hf = cls(cfg).to(cfg.dtype)
+    hf = cls(cfg).to(cfg.dtype)
     state = hf_state_dict(model, plan)
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
@@ -260,13 +262,14 @@ def build_hf_model(model: nn.Module, spec=None, target: str | None = None) -> nn
 
 
 def export_hf(model: nn.Module, out_dir, *, spec=None, report=None, force: bool = False, target: str | None = None,
-              max_shard_bytes: int = 2 * 10**9) -> Path:
+              max_shard_bytes: int = 2 * 10**9, tokenizer=None, files: dict | None = None) -> Path:
     """Write `model` (upcycled) as a Mixtral / Qwen2-MoE checkpoint folder, atomically.
 
     Tensors go through the same shard writer, in the same order, as the streaming export
     (`streaming.stream_upcycle(..., fmt="hf")`), so both write identical bytes for the same model.
     The resolved spec and report are written beside it (upcycle_spec.yaml, report.json/txt);
-    transformers ignores them."""
+    transformers ignores them. The tokenizer travels: `tokenizer` (saved), else `files` ({name:
+    path}, e.g. a loaded source's), else the tokenizer files beside config._name_or_path."""
     out = Path(out_dir)
     if out.exists() and not force:
         raise UpcycleError(f"{out}: output already exists; choose another path or pass --force (force=True) to replace it")
@@ -276,15 +279,20 @@ def export_hf(model: nn.Module, out_dir, *, spec=None, report=None, force: bool 
     state = hf_state_dict(model, plan)
     generation = getattr(model, "generation_config", None)
     with atomic_output(out, force=force) as tmp:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        carried = {} if tokenizer is not None else (files if files is not None else source_files(model))
         write_hf_folder(tmp, cfg, state.items(), [OutTensor(n, t.dtype, tuple(t.shape)) for n, t in state.items()],
                         max_shard_bytes, spec=spec, report=report, generation_config=generation,
-                        source_class=type(model).__name__)
+                        source_class=type(model).__name__, carried=carried)
     return out
 
 
 def write_hf_folder(tmp: Path, cfg, tensors, plan: list, max_shard_bytes: int, *, spec=None, report=None,
-                    generation_config=None, source_class: str = "", extra: dict | None = None) -> dict:
-    """Shards + index, config (+ generation config), spec, report and upcycle_export.json into `tmp`.
+                    generation_config=None, source_class: str = "", extra: dict | None = None,
+                    carried: dict | None = None) -> dict:
+    """Shards + index, config (+ generation config), spec, report and upcycle_export.json into `tmp`;
+    `carried` ({name: path}: tokenizer files, generation_config.json) copied as they are.
     `tensors` yields (name, tensor) in `plan`'s order. Returns the written weight files."""
     writer = ShardWriter(tmp, plan, max_shard_bytes)
     try:
@@ -295,7 +303,9 @@ def write_hf_folder(tmp: Path, cfg, tensors, plan: list, max_shard_bytes: int, *
         writer.abort()
         raise
     cfg.save_pretrained(str(tmp))
-    if generation_config is not None:
+    for name, path in (carried or {}).items():
+        shutil.copyfile(path, tmp / name)
+    if generation_config is not None and not (tmp / "generation_config.json").exists():
         generation_config.save_pretrained(str(tmp))
     if spec is not None:
         (tmp / "upcycle_spec.yaml").write_text(dump_spec(spec))

@@ -58,6 +58,36 @@ def build_transformers_skeleton(config, dtype: torch.dtype | None = None) -> nn.
     return model.to(dtype) if dtype else model
 
 
+def tokenizer_files(folder: Path) -> dict[str, Path]:
+    """{name: path} of the tokenizer and generation-config files in `folder` (carried to outputs)."""
+    folder = Path(folder)
+    return {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
+
+
+def source_files(model: nn.Module) -> dict[str, Path]:
+    """The tokenizer files beside the checkpoint an in-memory model was loaded from (transformers
+    records its folder in config._name_or_path); {} when it was built in memory."""
+    origin = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    return tokenizer_files(Path(origin)) if origin and Path(origin).is_dir() else {}
+
+
+MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+
+
+def refuse_moe_input(data: dict, where: Path) -> None:
+    """An input that is already a Mixture-of-Experts gets one clear line (upcycling an MoE further is
+    out of scope), instead of a confusing mismatch between its config and its weights."""
+    folder = where.parent if where.name == "config.json" else where
+    if data.get("model_type") == "upcycle" or (folder / "upcycle.json").is_file():
+        raise ModelError(f"{folder}: already an MoE (an upcycle output or a save_pretrained of an upcycled model); "
+                         "load it with upcycle.load(path), or upcycle the dense model it came from")
+    experts = next((data[k] for k in MOE_CONFIG_KEYS if isinstance(data.get(k), int) and data[k] > 1), None)
+    if experts is not None:
+        raise ModelError(f"{folder}: already an MoE ({data.get('model_type', 'unknown type')} with {experts} experts "
+                         f"per layer, config key {next(k for k in MOE_CONFIG_KEYS if data.get(k) == experts)}); "
+                         "upcycle takes a dense model: point it at the dense checkpoint")
+
+
 def load_config(path: Path):
     """A transformers config from a directory holding config.json, or from a config .json file.
     Never runs remote code: the model type must be one transformers knows."""
@@ -73,6 +103,7 @@ def load_config(path: Path):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
         raise ModelError(f"{file}: not valid JSON ({exc})") from None
+    refuse_moe_input(data, file)
     model_type = data.get("model_type")
     if not model_type:
         raise ModelError(f"{file}: no `model_type`, so it is not a transformers config")
@@ -158,7 +189,7 @@ def load_safetensors_file(path: Path, config_path: Path | None) -> LoadedModel:
     except Exception as exc:
         raise ModelError(f"{path}: cannot read safetensors ({str(exc).splitlines()[0]})") from None
     model = model_from_state_dict(state, config, path)
-    extra = {name: path.parent / name for name in TOKENIZER_FILES if (path.parent / name).is_file()}
+    extra = tokenizer_files(path.parent)
     return LoadedModel(model, "transformers", path, extra_files=extra)
 
 
@@ -186,7 +217,7 @@ def load_transformers_dir(path: Path, dtype: torch.dtype | None = None) -> Loade
         model = cls.from_pretrained(str(path), dtype=dtype or "auto", trust_remote_code=False)
     except Exception as exc:
         raise ModelError(f"{path}: transformers could not load the model ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    extra = {name: path / name for name in TOKENIZER_FILES if (path / name).is_file()}
+    extra = tokenizer_files(path)
     return LoadedModel(model, "transformers", path, extra_files=extra)
 
 
@@ -255,7 +286,7 @@ def load_torch_file(path: Path, trust_pickle: bool, config_path: Path | None = N
                              "given with --config")
         config = load_config(config_path or path.parent)
         model = model_from_state_dict(obj, config, path)
-        extra = {name: path.parent / name for name in TOKENIZER_FILES if (path.parent / name).is_file()}
+        extra = tokenizer_files(path.parent)
         return LoadedModel(model, "transformers", path, extra_files=extra)
     raise ModelError(
         f"{path}: holds a {type(obj).__name__} (a state dict?) without the model's architecture; give a "
@@ -281,9 +312,11 @@ def _load_model(path: Path, trust_pickle: bool, dtype, config_path: Path | None)
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: directory has no config.json, so it is not a transformers model directory")
         try:
-            json.loads((path / "config.json").read_text())
+            data = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as exc:
             raise ModelError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
+        if isinstance(data, dict):
+            refuse_moe_input(data, path)
         return load_transformers_dir(path, dtype)
     if not os.access(path, os.R_OK):
         raise ModelError(f"{path}: not readable (permission denied)")

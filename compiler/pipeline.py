@@ -37,6 +37,7 @@ from upcycle.specs import load_spec, validate_against_model
 from upcycle.specs.schema import UpcycleSpec
 
 from .errors import ModelError, VerificationError
+from .pretrained import mark_upcycled
 from .plan import Plan, build_plan, moe_config_for
 from .report import Report
 
@@ -336,6 +337,7 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool
     attach_token_mask(model)  # pad tokens out of the router losses and telemetry
     report = Report.build(spec, plan, builder.checks, records, model_error, loss_before, loss_after,
                           seconds=time.perf_counter() - t0, probe="model forward" if capture else "synthetic")
+    model = mark_upcycled(model, spec, report.rewrites)  # save_pretrained writes a folder that reloads as the MoE
     return UpcycleResult(model, plan, report, records, pass_log)
 
 

@@ -22,7 +22,8 @@ from safetensors.torch import save_model as st_save_model
 from upcycle.specs import dump_spec, load_spec
 
 from .errors import ModelError, UpcycleError
-from .loading import LoadedModel, build_transformers_skeleton, load_export, tied_groups
+from .loading import LoadedModel, build_transformers_skeleton, load_export, source_files, tied_groups
+from .pretrained import load_base_config, mark_upcycled, patch_config
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -130,9 +131,25 @@ def write_metadata(tmp: Path, *, spec, kind: str, model_class: str, source, repo
     return manifest
 
 
+def _carried_files(model: nn.Module, tokenizer, tmp: Path, skip: dict) -> dict:
+    """Tokenizer and generation config for an in-memory save: the `tokenizer` given (saved into
+    `tmp`), else the files beside the checkpoint the model was loaded from; then the model's
+    generation_config if none was carried. Returns the files to copy."""
+    carried = {}
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    else:
+        carried = {k: v for k, v in source_files(model).items() if k not in skip}
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and "generation_config.json" not in {**skip, **carried}:
+        gen.save_pretrained(str(tmp))
+    return carried
+
+
 def save(model: nn.Module, out_dir, *, spec, report=None, source: LoadedModel | None = None, force: bool = False,
-         records=None, input_names=None) -> Path:
-    """Write the upcycled model to `out_dir` atomically (temp folder renamed into place).
+         records=None, input_names=None, tokenizer=None) -> Path:
+    """Write the upcycled model to `out_dir` atomically (temp folder renamed into place), with its
+    tokenizer (`tokenizer`, or the files beside the source checkpoint) and generation config.
 
     With `records` (the rewrite's) and `input_names` (the dense model's tensor names), the manifest
     accounts for every input tensor (see `tensor_accounting`)."""
@@ -149,12 +166,15 @@ def save(model: nn.Module, out_dir, *, spec, report=None, source: LoadedModel | 
         st_save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "upcycle_format": str(FORMAT_VERSION)})
         if kind in ("transformers", "gguf"):
             model.config.save_pretrained(str(tmp))
+            patch_config(tmp / "config.json")
             kind = "transformers"
+        extra = dict(source.extra_files) if source is not None and source.extra_files else {}
+        extra.update(_carried_files(model, tokenizer, tmp, skip=extra))
         if kind == "export":
             shutil.copyfile(source.path, tmp / "dense_program.pt2")
         write_metadata(tmp, spec=spec, kind=kind, model_class=type(model).__name__,
                        source=source.path if source is not None else None, report=report, tensors=tensors,
-                       extra_files=source.extra_files if source is not None else None,
+                       extra_files=extra,
                        verification="per-layer and whole-model probes" if report is not None else None)
     return out
 
@@ -169,10 +189,8 @@ def load(path, *, trust_pickle: bool = False) -> nn.Module:
     spec = load_spec(path / SPEC)
     kind = manifest.get("source_kind")
     if kind == "transformers":
-        from .loading import _transformers
-
-        config = _transformers().AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-        skeleton = build_transformers_skeleton(config)
+        config = load_base_config(path)
+        skeleton = build_transformers_skeleton(config, dtype=_config_dtype(config))
     elif kind == "export":
         skeleton = load_export(path / "dense_program.pt2").model
     else:
@@ -181,6 +199,16 @@ def load(path, *, trust_pickle: bool = False) -> nn.Module:
             "and call upcycle.load_into(model, path)"
         )
     return load_into(skeleton, path, spec=spec)
+
+
+def _config_dtype(config):
+    """The dtype the weights were written in (config.dtype), so loading does not upcast them."""
+    import torch
+
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) and d.is_floating_point else None
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -221,6 +249,7 @@ def load_into(dense_model: nn.Module, path, *, spec=None) -> nn.Module:
         )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    mark_upcycled(model, spec)
     try:
         model.eval()
     except NotImplementedError:  # modules of torch.export programs keep the mode they were exported in

@@ -36,7 +36,8 @@ from upcycle.specs import load_spec
 from .checkpoint import (ST_DTYPES, OutTensor, ShardWriter, TensorReader, checkpoint_files, dominant_float_dtype,
                          scan_checkpoint)
 from .errors import ModelError, UpcycleError
-from .loading import TOKENIZER_FILES, check_tensors_against, load_config, meta_skeleton
+from .loading import TOKENIZER_FILES, check_tensors_against, load_config, meta_skeleton, tokenizer_files
+from .pretrained import patch_config
 from .pipeline import MoEBuilder, _NullProgress, analyse
 from .report import Report
 from .saving import atomic_output, tensor_accounting, tied_aliases, write_metadata
@@ -151,6 +152,15 @@ class StreamResult:
     seconds: float
 
 
+def _cast_plan(t: OutTensor, dtype: torch.dtype, keep_fp32: bool) -> OutTensor:
+    if not t.dtype.is_floating_point or (keep_fp32 and t.name.endswith(ROUTER_FP32_SUFFIXES)):
+        return t
+    return OutTensor(t.name, dtype, t.shape)
+
+
+ROUTER_FP32_SUFFIXES = ("router.weight", "router.bias", "router.expert_bias")
+
+
 @contextlib.contextmanager
 def _one_core_for_io():
     """The shard writer's thread (file writes into the page cache, sha256) keeps one core busy; torch
@@ -166,11 +176,13 @@ def _one_core_for_io():
 
 def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = False,
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
-                   writer_factory=ShardWriter, fmt: str = "native", target: str | None = None) -> StreamResult:
+                   writer_factory=ShardWriter, fmt: str = "native", target: str | None = None,
+                   dtype: torch.dtype | None = None) -> StreamResult:
     """Upcycle a safetensors checkpoint on disk into `out_dir` without loading it (see module doc).
 
     fmt "hf": write a Mixtral / Qwen2-MoE checkpoint instead (`export_hf`'s names, layout and
-    order, through the same writer: the same bytes as the in-memory export of the same model)."""
+    order, through the same writer: the same bytes as the in-memory export of the same model).
+    dtype: cast every floating tensor to it on write (native routers stay fp32), None: as the source."""
     t0 = time.perf_counter()
     spec = load_spec(spec)
     out = Path(out_dir)
@@ -206,6 +218,9 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
             raise ModelError(f"{src}: output tensor {name!r} has no source in the checkpoint")
     if hf is not None:  # the target's tensors instead: same order rule as the in-memory export
         outputs = hf.outputs(outputs)
+    if dtype is not None:
+        outputs = [_cast_plan(t, dtype, keep_fp32=hf is None) for t in outputs]
+        (hf.config if hf is not None else mp.config).dtype = dtype
     out_names = [t.name for t in outputs]
     tensors = tensor_accounting(list(mp.infos), mp.records, out_names,
                                 aliases={**{k: v for k, v in aliases.items()}, **dropped_alias}, where=str(src))
@@ -257,7 +272,7 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
                     value = cache.pop(local)
                 else:
                     value = reader.get(t.name)
-                writer.write(t.name, value)
+                writer.write(t.name, value.to(t.dtype))
                 del value
                 bar.update(1)
             weight_files = writer.finish()
@@ -268,6 +283,7 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
             reader.close()
             bar.close()
         mp.config.save_pretrained(str(tmp))
+        patch_config(tmp / "config.json")  # plain transformers must refuse it, not load a dense model
         report = Report.build(spec, mp.plan, builder.checks, mp.records, None, None, None,
                               seconds=time.perf_counter() - t0, probe="synthetic (streaming: per-layer only)")
         manifest = write_metadata(tmp, spec=spec, kind="transformers", model_class=type(mp.model).__name__, source=src,
@@ -322,23 +338,26 @@ def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, te
               builder, max_shard_bytes: int, force: bool, t0: float) -> StreamResult:
     from .export_hf import write_hf_folder
 
+    dtypes = {t.name: t.dtype for t in outputs}
+
     def values():
         for name, i in hf.order(hf.native):
             if i is None:
                 value = reader.get(name)
                 bar.update(1)
-                yield name, value
+                yield name, value.to(dtypes[name])
             else:
                 state = moe_state(hf.mlp_of[f"model.layers.{i}.mlp"])
                 for n, v in hf.layer(i, state).items():
                     bar.update(1)
-                    yield n, v
+                    yield n, v.to(dtypes[n])
                 del state
 
     with atomic_output(out, force=force) as tmp:
         try:
             files = write_hf_folder(tmp, hf.config, values(), outputs, max_shard_bytes, spec=spec,
                                     source_class=type(mp.model).__name__,
+                                    carried=tokenizer_files(src if src.is_dir() else src.parent),
                                     extra={"streaming": True, "tensors": tensors,
                                            "verification": VERIFICATION if spec.verify.enabled else "disabled"})
         finally:
