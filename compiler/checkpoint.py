@@ -262,6 +262,9 @@ class ShardWriter:
         self._io.abort()
 
 
+SYNC_EVERY_BYTES = 256 << 20
+
+
 def _fsync_close(file) -> None:
     try:
         os.fsync(file.fileno())
@@ -271,7 +274,9 @@ def _fsync_close(file) -> None:
 
 class _BackgroundIO:
     """One thread that appends buffers to the open file, one that hashes each buffer while it is
-    written, one that fsyncs each finished file. An error there is raised by the producer's next call."""
+    written, one that syncs to disk: every SYNC_EVERY_BYTES (so the disk writes while the next
+    layers are mapped, instead of the whole output waiting for the final fsync) and each finished
+    file. An error there is raised by the producer's next call."""
 
     def __init__(self, max_pending_bytes: int):
         import queue
@@ -324,7 +329,7 @@ class _BackgroundIO:
         self._thread.join()
 
     def _run(self) -> None:
-        file, digest, path = None, None, None
+        file, digest, path, unsynced = None, None, None, 0
         while True:
             item = self._queue.get()
             kind = item[0]
@@ -344,11 +349,17 @@ class _BackgroundIO:
                     file, digest = open(path, "wb"), hashlib.sha256()
                     file.write(header)
                     digest.update(header)
+                    unsynced = 0
                 elif kind == "data":
                     try:  # hash on a second thread while this one writes the same buffer
                         hashed = self._hasher.submit(digest.update, item[1])
                         self._write(file, item[1])
                         hashed.result()
+                        unsynced += item[1].nbytes
+                        if unsynced >= SYNC_EVERY_BYTES:  # keep the disk busy now, not all at the final fsync
+                            file.flush()
+                            self._synced.append(self._syncer.submit(os.fdatasync, file.fileno()))
+                            unsynced = 0
                     finally:
                         self._release(item[1].nbytes)
                 elif kind == "close":  # fsync on a third thread: the next shard's writes go on meanwhile
