@@ -240,9 +240,11 @@ class ShardWriter:
                 self._io.close_file()
             self._shard = k
             self._io.open_file(self.folder / self.names[k], self._header(k))
-        # the view keeps the tensor's storage alive until the background thread has written it
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._io.put(memoryview(data))
+        # the view keeps the tensor's storage alive until the background thread has written it;
+        # an object with parts() (export_hf.Interleaved) is written part after part, without a copy
+        for part in (tensor.parts() if hasattr(tensor, "parts") else (tensor,)):
+            data = part.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._io.put(memoryview(data))
         self._pos += 1
 
     def finish(self) -> dict[str, dict]:

@@ -174,16 +174,46 @@ def _config(model: nn.Module, plan: dict, spec):
     return cfg
 
 
+class Interleaved:
+    """cat([a, b], dim=1) of two [N, H, ...] stacks without the copy (the fused gate_up_proj):
+    the shard writer streams a[0], b[0], a[1], b[1], ..., the same bytes as the concatenation, and
+    a layer's peak memory keeps one stack less."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        self.a, self.b = a, b
+
+    @property
+    def shape(self) -> tuple:
+        return (self.a.shape[0], self.a.shape[1] + self.b.shape[1], *self.a.shape[2:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    def to(self, dtype) -> "Interleaved":
+        return Interleaved(self.a.to(dtype), self.b.to(dtype))
+
+    def detach(self) -> "Interleaved":
+        return Interleaved(self.a.detach(), self.b.detach())
+
+    def parts(self):
+        for a, b in zip(self.a, self.b):
+            yield a
+            yield b
+
+
 def hf_layer_tensors(state: dict[str, torch.Tensor], c, target: str, prefix: str,
-                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                     dtype: torch.dtype, concat: bool = True) -> dict[str, torch.Tensor]:
     """One MoE layer in the target's names and layout, from the layer's own state dict (local
     names). The same function serves the in-memory export (a module's state) and the streaming one
     (tensors mapped from the checkpoint, or meta tensors to plan the shapes). Everything is written
-    in the model's dtype, the router included (transformers keeps one dtype)."""
+    in the model's dtype, the router included (transformers keeps one dtype). concat=False: the
+    fused gate_up_proj as an `Interleaved` (for the shard writer, no copy)."""
     w = state["router.weight"]
+    gate, up = state["experts.gate_proj"], state["experts.up_proj"]
     out = {
         prefix + "gate.weight": w,  # [N, D]
-        prefix + "experts.gate_up_proj": torch.cat([state["experts.gate_proj"], state["experts.up_proj"]], dim=1),  # [N, 2H, D]
+        prefix + "experts.gate_up_proj": torch.cat([gate, up], dim=1) if concat else Interleaved(gate, up),  # [N, 2H, D]
         prefix + "experts.down_proj": state["experts.down_proj"],  # [N, D, H]
     }
     if target == "qwen2_moe":

@@ -44,7 +44,18 @@ def mark_upcycled(model: nn.Module, spec, rewrites: list | None = None) -> nn.Mo
     return model
 
 
+def _unpickle_upcycled(base: type, state: dict) -> nn.Module:
+    model = base.__new__(base)
+    model.__setstate__(state)
+    return mark_upcycled(model, model._upcycle_spec, model._upcycle_rewrites)
+
+
 class _UpcycledMixin:
+    def __reduce_ex__(self, protocol):
+        # the subclass is made at run time, so pickle (torch.save of a whole module, deepcopy)
+        # stores the dense class and marks the model again when it is rebuilt
+        return _unpickle_upcycled, (self._upcycle_base, self.__getstate__())
+
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
         result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:

@@ -310,7 +310,8 @@ class _HFPlan:
         from .export_hf import hf_layer_tensors
 
         moe = self.layers[i].mlp
-        return hf_layer_tensors(state, moe.config, self.plan["target"], f"model.layers.{i}.mlp.", self.dtype)
+        return hf_layer_tensors(state, moe.config, self.plan["target"], f"model.layers.{i}.mlp.", self.dtype,
+                                concat=False)
 
     def order(self, native: list[OutTensor]) -> list:
         from .export_hf import hf_tensor_order
@@ -347,11 +348,12 @@ def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, te
                 bar.update(1)
                 yield name, value.to(dtypes[name])
             else:
-                state = moe_state(hf.mlp_of[f"model.layers.{i}.mlp"])
-                for n, v in hf.layer(i, state).items():
+                layer = hf.layer(i, moe_state(hf.mlp_of[f"model.layers.{i}.mlp"]))
+                for n in list(layer):  # popped as written: a layer's tensors are freed one by one
+                    v = layer.pop(n)
                     bar.update(1)
                     yield n, v.to(dtypes[n])
-                del state
+                    del v
 
     with atomic_output(out, force=force) as tmp:
         try:

@@ -43,7 +43,7 @@ def test_compile_save_load_roundtrip(model_dir, tmp_path, capsys):
     out_dir = tmp_path / "moe"
     assert run(["e8g1t2-topk-then-softmax", str(model_dir), "-o", str(out_dir), "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "yes, passed" in text
+    assert "yes: passed" in text
     for name in ("model.safetensors", "upcycle_spec.yaml", "report.json", "report.txt", "upcycle.json", "config.json"):
         assert (out_dir / name).is_file(), name
     model = upcycle.load(out_dir)

@@ -183,3 +183,19 @@ def test_qwen2_moe_export_loads_without_warnings(dense_dir, tmp_path):
     assert type(hf).__name__ == "Qwen2MoeForCausalLM"
     assert not [w for w in caught if "zero-element" in str(w.message)]
     assert all(float(p.abs().max()) == 0 for n, p in hf.named_parameters() if ".shared_expert." in n)
+
+
+def test_upcycled_model_pickles_and_deepcopies():
+    import copy
+    import io
+
+    model = compile_upcycle(_tiny_llama(), SPEC)
+    ids = _ids()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    twin = copy.deepcopy(model)
+    for m in (again, twin):
+        assert type(m).__name__ == "LlamaForCausalLM" and hasattr(type(m), "_upcycle_marked")
+        assert torch.equal(_logits(m, ids), _logits(model, ids))
