@@ -33,7 +33,12 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not sys.stderr.isatty():  # transformers' loading/writing bars are noise in a log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     import upcycle
+    from upcycle.specs import load_spec
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from textdata import kjv_split
@@ -47,7 +52,7 @@ def main() -> int:
     batches = ids[: (len(ids) // 128) * 128].view(-1, 128)[: 4 * args.steps]
     probe = tok(val_text[:400], return_tensors="pt")["input_ids"][:, :64]
     kind, _, n = args.layers.partition(":")
-    spec = upcycle.specs.load_spec(args.spec).to_dict()
+    spec = load_spec(args.spec).to_dict()
     spec["layers"] = "all" if kind == "all" else {kind: int(n)}
 
     def logits(model):
