@@ -246,9 +246,10 @@ def hf_tensor_order(names: list[str], plan: dict) -> list[tuple[str, int | None]
     return order
 
 
-def hf_state_dict(model: nn.Module, plan: dict) -> dict[str, torch.Tensor]:
+def hf_state_dict(model: nn.Module, plan: dict, concat: bool = True) -> dict[str, torch.Tensor]:
     """The transformers-format tensors, in write order: other weights keep their names (a tied
-    duplicate such as lm_head.weight is stored once, as transformers does); each MoE layer mapped."""
+    duplicate such as lm_head.weight is stored once, as transformers does); each MoE layer mapped.
+    concat=False: fused gate_up_proj tensors as `Interleaved` views (for writing: no copies)."""
     from .saving import tied_aliases
 
     aliases = tied_aliases(model)
@@ -261,7 +262,8 @@ def hf_state_dict(model: nn.Module, plan: dict) -> dict[str, torch.Tensor]:
             state[name] = own[name]
         else:
             moe: MoELayer = layers[i].mlp
-            state.update(hf_layer_tensors(moe.state_dict(), moe.config, plan["target"], f"model.layers.{i}.mlp.", dtype))
+            state.update(hf_layer_tensors(moe.state_dict(), moe.config, plan["target"], f"model.layers.{i}.mlp.", dtype,
+                                          concat=concat))
     return state
 
 
@@ -306,7 +308,7 @@ def export_hf(model: nn.Module, out_dir, *, spec=None, report=None, force: bool 
     spec = load_spec(spec) if spec is not None else None
     plan = hf_export_plan(model, spec, target)  # raises ExportError before anything is written
     cfg = _config(model, plan, spec)
-    state = hf_state_dict(model, plan)
+    state = hf_state_dict(model, plan, concat=False)  # views of the model's tensors: peak ~ the model + buffers
     generation = getattr(model, "generation_config", None)
     with atomic_output(out, force=force) as tmp:
         if tokenizer is not None:
