@@ -252,6 +252,10 @@ def peak_memory_mb(device) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not sys.stderr.isatty():  # transformers' loading bars: carriage returns in a log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     d = Dist()
     args.world = d.world
     if args.threads:
