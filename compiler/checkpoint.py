@@ -313,6 +313,10 @@ class _BackgroundIO:
             self._pending += data.nbytes
         self._check()
         self._queue.put(("data", data))
+        if data.nbytes > self._max_pending:  # a large tensor (an embedding) is written before the
+            with self._cond:                 # next layer is built, so the two are not alive together
+                self._cond.wait_for(lambda: self._pending == 0 or self._error is not None)
+            self._check()
 
     def close_file(self) -> None:
         self._check()

@@ -152,6 +152,21 @@ class StreamResult:
     seconds: float
 
 
+def _return_freed_memory() -> None:
+    """glibc raises its mmap threshold as large blocks are freed, after which tensor buffers come
+    from the heap and stay in the process's RSS when freed (measured: 0.44 GB kept after the first
+    layer of the 3 GB model). A fixed 1 MB threshold gives every tensor its own mapping, returned on
+    free, so the resident set follows the live tensors. glibc only; elsewhere nothing changes."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _cast_plan(t: OutTensor, dtype: torch.dtype, keep_fp32: bool) -> OutTensor:
     if not t.dtype.is_floating_point or (keep_fp32 and t.name.endswith(ROUTER_FP32_SUFFIXES)):
         return t
@@ -185,6 +200,7 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     dtype: cast every floating tensor to it on write (native routers stay fp32), None: as the source."""
     t0 = time.perf_counter()
     spec = load_spec(spec)
+    _return_freed_memory()
     out = Path(out_dir)
     if out.exists() and not force:
         raise UpcycleError(f"{out}: output already exists; choose another path or pass --force (force=True) to replace it")
