@@ -36,7 +36,7 @@ from upcycle.specs import load_spec
 from .checkpoint import (ST_DTYPES, OutTensor, ShardWriter, TensorReader, checkpoint_files, dominant_float_dtype,
                          scan_checkpoint)
 from .errors import ModelError, UpcycleError
-from .loading import TOKENIZER_FILES, check_tensors_against, load_config, meta_skeleton, tokenizer_files
+from .loading import check_tensors_against, load_config, meta_skeleton, tokenizer_files
 from .pretrained import patch_config
 from .pipeline import MoEBuilder, _NullProgress, analyse
 from .report import Report
@@ -244,11 +244,8 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     builder = MoEBuilder(spec, mp.discovery, None, _NullProgress(), structure_only=False)
     reader = TensorReader(mp.infos)
     bar = _bar(len(outputs), progress)
-    extra = {}
     src_dir = src if src.is_dir() else src.parent
-    for name in TOKENIZER_FILES:
-        if (src_dir / name).is_file():
-            extra[name] = src_dir / name
+    extra = tokenizer_files(src_dir)
 
     def moe_state(mlp_path: str) -> dict[str, torch.Tensor]:
         match, gm, names = mp.seen[mlp_path]

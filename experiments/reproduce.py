@@ -541,6 +541,15 @@ def report(out: Path, s: Setting, log) -> Path:
     return path
 
 
+def _save(fig, ax, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot(out: Path, runs: dict, label: dict) -> list:
     import matplotlib
 
@@ -558,11 +567,7 @@ def plot(out: Path, runs: dict, label: dict) -> list:
         ax.plot(xs, ys, label=label.get(name, name), lw=2 if name in ("dense", "recipe", "e8g1t2") else 1)
     ax.set_xlabel("continued-training tokens (M)")
     ax.set_ylabel("validation loss (nats/byte)")
-    ax.legend(fontsize=7)
-    p = out / "validation_curves.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, ax, out / "validation_curves.png"))
     fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
     for name, seeds in runs.items():
         rows = next(iter(seeds.values()))["rows"]
@@ -571,11 +576,7 @@ def plot(out: Path, runs: dict, label: dict) -> list:
             ax.plot(*zip(*pts), label=label.get(name, name))
     ax.set_xlabel("step")
     ax.set_ylabel("max / mean expert load (worst layer)")
-    ax.legend(fontsize=7)
-    p = out / "router_load.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, ax, out / "router_load.png"))
     return paths
 
 
