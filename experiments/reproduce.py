@@ -339,12 +339,14 @@ def continue_variant(v: Variant, s: Setting, out: Path, seed: int, train, val, l
     return res
 
 
-def part_a(s: Setting, out: Path, log, only: list | None = None) -> None:
+def part_a(s: Setting, out: Path, log, only: list | None = None, seeds: list | None = None) -> None:
     train, val = load_text(s)
     log(f"part A ({s.name}): train {train.shape[0]} x {s.seq} bytes, validation {min(s.eval_seqs, val.shape[0])} x {s.seq}")
     # Seed-major: every variant of the first seed finishes before the next seed's pre-training, so a
     # run cut short (a session ends) still leaves one complete comparison.
     for seed in s.seeds:
+        if seeds is not None and seed not in seeds:
+            continue
         pretrain(s, out, seed, train, val, log)
         for v in VARIANTS:
             if only and v.name not in only:
@@ -586,6 +588,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["A", "B", "all"], default="all")
     ap.add_argument("--only", nargs="*", help="part A: these variants only")
+    ap.add_argument("--seeds", nargs="*", type=int, help="part A: these seeds only (default: the setting's all)")
     ap.add_argument("--report", action="store_true", help="write the report from the finished runs and exit")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run of the whole pipeline")
     ap.add_argument("--out", default=None, help="results folder (default experiments/results, or .../quick)")
@@ -604,7 +607,7 @@ def main(argv=None) -> int:
 
     if not args.report:
         if args.part in ("A", "all"):
-            part_a(s, out, log, args.only)
+            part_a(s, out, log, args.only, args.seeds)
         if args.part in ("B", "all"):
             part_b(out, log, args.quick)
     report(out, s, log)
