@@ -20,7 +20,9 @@ def test_quick_pipeline_and_resume(tmp_path):
         assert needle in report, needle
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["table"]) == 12 and all(c["verdict"] != "not run" for c in results["claims"])
-    for png in ("validation_curves.png", "router_load.png"):
+    assert set(results["part_b"]) == {"dense", "recipe", "e8g1t2"}
+    assert sum("SmolLM2-135M upcycled" in c["claim"] for c in results["claims"]) == 2
+    for png in ("validation_curves.png", "router_load.png", "smollm2_validation_curves.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     done = sorted(p.parent.name for p in (tmp_path / "runs").glob("*/done.json"))
     assert "pretrain-seed0" in done and "recipe-seed0" in done and len(done) == 13
@@ -30,3 +32,35 @@ def test_quick_pipeline_and_resume(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "recipe seed 0" not in proc.stdout and "$ " not in proc.stdout  # nothing retrained
     assert stamp == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/final.pt")}
+
+
+def _load_reproduce():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "experiments" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("reproduce", mod)  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_part_b_active_parameters_match_the_compiled_model():
+    """Part B's active count comes from the config and spec alone; it must equal the compiled
+    model's non-expert parameters plus top_k / (E x G) of its expert parameters."""
+    import torch
+    import transformers
+
+    from upcycle import compile_upcycle
+
+    reproduce = _load_reproduce()
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100)
+    for experts in ({"expansion": 8, "granularity": 1, "top_k": 2}, {"expansion": 8, "granularity": 8, "top_k": 8}):
+        torch.manual_seed(0)
+        moe = compile_upcycle(transformers.LlamaForCausalLM(cfg), {"experts": experts, "verify": {"enabled": False}})
+        total = sum(p.numel() for p in moe.parameters())
+        expert = sum(p.numel() for n, p in moe.named_parameters() if ".experts." in n)
+        assert expert > 0
+        want = total - expert + expert * experts["top_k"] // (experts["expansion"] * experts["granularity"])
+        run_json = {"spec": {"experts": experts, "layers": "all"}, "dense_config": cfg.to_dict()}
+        assert reproduce._part_b_active(run_json, total) == want
