@@ -109,10 +109,11 @@ VARIANTS = [
     Variant("dense", None, "dense continued (baseline)"),
     Variant("recipe", _spec(), "E8G8T8 softmax-then-topK, auto scaling, virtual groups (the recipe)"),
     Variant("e8g1t2", _spec(experts={"expansion": 8, "granularity": 1, "top_k": 2}), "E8G1T2"),
-    Variant("topk_then_softmax", _spec(router__type="topk_then_softmax"), "E8G8T8 topK-then-softmax", "one"),
+    # every seed too: the two that decide defaults (router type, router init std)
+    Variant("topk_then_softmax", _spec(router__type="topk_then_softmax"), "E8G8T8 topK-then-softmax"),
     Variant("no_scaling", _spec(weight_scaling="none"), "E8G8T8 without weight scaling", "one"),
     Variant("random_router", _spec(router__init="random"), "E8G8T8 random router init", "one"),
-    Variant("router_std_1e-3", _spec(router__init_std=1e-3), "E8G8T8 router init std 1e-3 (exact init)", "one"),
+    Variant("router_std_1e-3", _spec(router__init_std=1e-3), "E8G8T8 router init std 1e-3 (exact init)"),
     Variant("drop_0.5", _spec(experts={"expansion": 8, "granularity": 8, "top_k": 8, "drop_upcycling": 0.5}),
             "E8G8T8 Drop-Upcycling r = 0.5", "one"),
     Variant("bias_balancing", _spec(router__balancing="bias", router__bias_update_rate=1e-3),
@@ -355,6 +356,53 @@ def part_a(s: Setting, out: Path, log, only: list | None = None, seeds: list | N
                 continue_variant(v, s, out, seed, train, val, log)
 
 
+def throughput(s: Setting, out: Path, log, rounds: int = 3, steps: int = 8) -> dict:
+    """Training tokens/s of every variant measured side by side in one process: the training runs'
+    own figures come from different hours of a shared machine and do not compare. Each variant
+    starts from seed 0's pre-trained model; rounds alternate the variants; the median is kept."""
+    from upcycle import compile_upcycle
+
+    train, _ = load_text(s)
+    pre = out / "runs" / "pretrain-seed0" / "final.pt"
+    runners = {}
+    for v in VARIANTS:
+        model = dense_model(s, 0)
+        if pre.is_file():
+            model.load_state_dict(torch.load(pre, weights_only=True))
+        if v.spec is not None:
+            spec = json.loads(json.dumps(v.spec))
+            spec["verify"] = {"enabled": False}
+            model = compile_upcycle(model, spec)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        runners[v.name] = (model, opt)
+
+    def one_step(name, step):
+        model, opt = runners[name]
+        ids = batches(train, step, s.batch, 0)
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    for name in runners:  # warm-up: allocator, first-call paths
+        one_step(name, 0)
+    times = {name: [] for name in runners}
+    for r in range(rounds):
+        for name in runners:
+            t0 = time.perf_counter()
+            for i in range(steps):
+                one_step(name, 1 + r * steps + i)
+            times[name].append(time.perf_counter() - t0)
+    result = {"setting": s.name, "threads": torch.get_num_threads(), "rounds": rounds, "steps_per_round": steps,
+              "tokens_per_s": {n: s.tokens_per_step * steps / statistics.median(t) for n, t in times.items()}}
+    dense = result["tokens_per_s"].get("dense")
+    for n, v in result["tokens_per_s"].items():
+        log(f"throughput {n}: {v:.0f} tokens/s" + (f" ({v / dense:.2f}x dense)" if dense else ""))
+    (out / "throughput.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 # --- part B ----------------------------------------------------------------------------------------
 
 PART_B = {"dense": None, "recipe": "e8g8t8", "e8g1t2": "e8g1t2"}
@@ -406,6 +454,14 @@ def _mean_sd(values: list) -> tuple:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def _speed(t: dict, dense: dict | None) -> str:
+    v = t.get("tokens_per_s")
+    if v is None:
+        return "—"
+    d = (dense or {}).get("tokens_per_s")
+    return f"{v:.0f}" + (f" ({v / d:.2f}x)" if d else "")
+
+
 def _fmt(m, sd, digits=4) -> str:
     if m is None:
         return "—"
@@ -417,11 +473,12 @@ def claims(table: dict) -> list:
     has the paper's sign and exceeds twice the larger seed spread (or 0.5% with one seed),
     'not reproduced at this scale' when it has the opposite sign beyond that margin, else
     'inconclusive'."""
-    def cmp(a, b, claim, paper, better="lower"):
-        """better: "lower" (the paper finds a's loss lower than b's) or "no_gain" (a is not lower)."""
-        if a not in table or b not in table:
+    def cmp(a, b, claim, paper, better="lower", at="final"):
+        """better: "lower" (the paper finds a's loss lower than b's) or "no_gain" (a is not lower);
+        at: "final" (equal tokens) or "at_dense_flops" (equal training FLOPs)."""
+        if a not in table or b not in table or table[a][at][0] is None or table[b][at][0] is None:
             return {"claim": claim, "paper": paper, "ours": "not run", "verdict": "not run"}
-        ma, sa, mb, sb = table[a]["final"] + table[b]["final"]
+        ma, sa, mb, sb = table[a][at] + table[b][at]
         diff = (ma - mb) / mb  # relative, negative = a lower
         margin = max(2 * max(sa or 0.0, sb or 0.0) / mb, 0.005)
         if better == "no_gain":
@@ -434,6 +491,10 @@ def claims(table: dict) -> list:
     out = [
         cmp("recipe", "dense", "upcycled E8G8T8 beats dense continued at equal tokens", "−4.1% (15B), −1.1% (2B)"),
         cmp("e8g1t2", "dense", "upcycled E8G1T2 beats dense continued at equal tokens", "−5.2% (15B)"),
+        cmp("recipe", "dense", "upcycled E8G8T8 beats dense continued at equal training FLOPs",
+            "same cost: E8G8T8's active weights equal dense's", at="at_dense_flops"),
+        cmp("e8g1t2", "dense", "upcycled E8G1T2 beats dense continued at equal training FLOPs",
+            "(paper compares at equal tokens)", at="at_dense_flops"),
         cmp("recipe", "topk_then_softmax", "softmax-then-topK beats topK-then-softmax", "better (2B ablation)"),
         cmp("recipe", "no_scaling", "weight scaling lowers the loss", "−1.5% training loss"),
         cmp("recipe", "e8g1t2", "fine granularity (E8G8T8) beats coarse (E8G1T2)", "64 fine-grained experts best (2B)"),
@@ -448,7 +509,8 @@ def claims(table: dict) -> list:
     dead_rec = table.get("recipe", {}).get("dead_experts")
     out.append({"claim": "no aux loss leads to dead experts", "paper": "dead experts without it; coef 1e-2 used",
                 "ours": "not run" if dead is None else f"{dead} expert-layers with no tokens in the last eval step without balancing, "
-                f"{dead_rec} with the aux loss",
+                f"{dead_rec} with the aux loss (worst-layer max/mean load {table['no_aux']['max_over_mean_load']:.2f} vs "
+                f"{table.get('recipe', {}).get('max_over_mean_load') or float('nan'):.2f})",
                 "verdict": "not run" if dead is None else ("reproduced" if dead > (dead_rec or 0) else "not reproduced at this scale")})
     return out
 
@@ -475,6 +537,11 @@ def report(out: Path, s: Setting, log) -> Path:
             "max_over_mean_load": _mean_sd([r.get("max_over_mean_load") for r in last])[0],
             "dead_experts": max((r.get("dead_experts") or 0) for r in last) if last[0].get("dead_experts") is not None else None,
         }
+    side_by_side = json.loads((out / "throughput.json").read_text()) if (out / "throughput.json").is_file() else None
+    if side_by_side:
+        for name, t in table.items():
+            t["tokens_per_s_run"] = t["tokens_per_s"]
+            t["tokens_per_s"] = side_by_side["tokens_per_s"].get(name)
     pre = runs.get("pretrain", {})
     pre_final = _mean_sd([r["done"]["final_val_loss"] for r in pre.values()])[0] if pre else None
     label = {v.name: v.label for v in VARIANTS}
@@ -489,7 +556,8 @@ def report(out: Path, s: Setting, log) -> Path:
               f"cosine to {s.pretrain_lr / 10:g}. Continued training: {s.continue_steps} steps "
               f"({s.continue_steps * s.tokens_per_step / 1e6:.2f}M tokens), peak LR {s.continue_lr:g} (reset above the "
               f"final {s.pretrain_lr / 10:g}), cosine to {s.continue_lr / 10:g}, aux loss 1e-2; same data order for "
-              f"every variant of a seed. Seeds: {', '.join(map(str, s.seeds))} for dense, recipe, E8G1T2; the first for the ablations.",
+              f"every variant of a seed. Seeds: {', '.join(map(str, s.seeds))} for dense, recipe, E8G1T2, "
+              f"topK-then-softmax and router std 1e-3 (the last two decide defaults); the first for the other ablations.",
               ""]
     for seed, r in sorted(pre.items()):
         p = r["done"].get("plateau", {})
@@ -498,7 +566,12 @@ def report(out: Path, s: Setting, log) -> Path:
                      f"({'a plateau: < 1%' if p.get('plateaued') else 'not yet a plateau (>= 1%)'}).")
     lines += ["", "## Validation loss after continued training", "",
               f"Equal tokens: after {s.continue_steps} steps. Equal FLOPs: interpolated on each run's validation curve "
-              "at the training FLOPs the dense model spent (6 × weights a token multiplies + attention).", "",
+              "at the training FLOPs the dense model spent (6 × weights a token multiplies + attention). "
+              + (f"Tokens/s: training steps measured side by side in one process (`--throughput`: "
+                 f"{side_by_side['rounds']} alternated rounds of {side_by_side['steps_per_round']} steps, median, "
+                 f"{side_by_side['threads']} threads), with the ratio to dense."
+                 if side_by_side else "Tokens/s: the median over each run's own steps (runs took place at different "
+                 "hours of a shared machine: compare with care; `--throughput` measures them side by side)."), "",
               "| variant | seeds | init loss | init ppl / pre-trained ppl | final loss (equal tokens) | ppl | loss at dense's FLOPs | "
               "params total / active | tokens/s | max/mean load |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -510,7 +583,7 @@ def report(out: Path, s: Setting, log) -> Path:
         load = f"{t['max_over_mean_load']:.2f}" if t["max_over_mean_load"] is not None else "—"
         lines.append(f"| {label.get(name, name)} | {t['seeds']} | {im:.4f} | {ratio} | {_fmt(fm, fs)} | {math.exp(fm):.3f} | "
                      f"{_fmt(em, es)} | {t['total_params'] / 1e6:.2f}M / {t['active_params'] / 1e6:.2f}M | "
-                     f"{t['tokens_per_s'] or 0:.0f} | {load} |")
+                     f"{_speed(t, table.get('dense'))} | {load} |")
     lines += ["", "## The paper's findings at this scale", "",
               "Verdict rule: *reproduced* when our difference has the paper's sign and exceeds twice the larger seed "
               "standard deviation (at least 0.5% with one seed); *not reproduced at this scale* when it has the opposite "
@@ -687,6 +760,8 @@ def main(argv=None) -> int:
     ap.add_argument("--part", choices=["A", "B", "all"], default="all")
     ap.add_argument("--only", nargs="*", help="part A: these variants only")
     ap.add_argument("--seeds", nargs="*", type=int, help="part A: these seeds only (default: the setting's all)")
+    ap.add_argument("--throughput", action="store_true",
+                    help="measure every variant's training tokens/s side by side (one process, alternated), then report")
     ap.add_argument("--report", action="store_true", help="write the report from the finished runs and exit")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run of the whole pipeline")
     ap.add_argument("--out", default=None, help="results folder (default experiments/results, or .../quick)")
@@ -703,7 +778,9 @@ def main(argv=None) -> int:
         logf.write(msg + "\n")
         logf.flush()
 
-    if not args.report:
+    if args.throughput:
+        throughput(s, out, log, rounds=2 if args.quick else 3, steps=2 if args.quick else 8)
+    elif not args.report:
         if args.part in ("A", "all"):
             part_a(s, out, log, args.only, args.seeds)
         if args.part in ("B", "all"):

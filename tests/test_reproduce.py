@@ -32,6 +32,14 @@ def test_quick_pipeline_and_resume(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "recipe seed 0" not in proc.stdout and "$ " not in proc.stdout  # nothing retrained
     assert stamp == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/final.pt")}
+    # side-by-side throughput of every variant, then the report quotes it with the ratio to dense
+    proc = subprocess.run(cmd + ["--throughput"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    speeds = json.loads((tmp_path / "throughput.json").read_text())["tokens_per_s"]
+    assert len(speeds) == 12 and all(v > 0 for v in speeds.values())
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "measured side by side" in report and "(1.00x)" in report
+    assert stamp == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/final.pt")}
 
 
 def _load_reproduce():
