@@ -412,7 +412,7 @@ def part_b(out: Path, log, quick: bool) -> None:
     args = ["--steps", "4", "--seq-len", "32", "--batch", "2", "--eval-every", "2", "--eval-seqs", "2",
             "--checkpoint-every", "100", "--quick"] if quick else \
         ["--steps", "200", "--seq-len", "256", "--batch", "4", "--eval-every", "50", "--eval-seqs", "32",
-         "--checkpoint-every", "50", "--lr", "6e-5", "--min-lr", "6e-6"]
+         "--checkpoint-every", "50", "--keep", "1", "--lr", "6e-5", "--min-lr", "6e-6"]
     for name, spec in PART_B.items():
         run = out / "smollm2" / name
         if (run / "summary.json").is_file():
@@ -425,6 +425,8 @@ def part_b(out: Path, log, quick: bool) -> None:
         if tc.is_file() and not quick:
             env["LD_PRELOAD"] = str(tc)
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+        # a finished run's checkpoints only served resuming: an E8 SmolLM2 with AdamW state is ~6.5 GB each
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
 
 
 # --- report ----------------------------------------------------------------------------------------
