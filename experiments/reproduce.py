@@ -617,6 +617,14 @@ def report(out: Path, s: Setting, log) -> Path:
             lines.append(f"| {name} | {t['total'] / 1e6:.1f}M / {t['active'] / 1e6:.1f}M | {t['start']:.4f} | {ratio} | "
                          f"{t['end']:.4f} | {math.exp(t['end']):.3f} | {vs} | {at} | {t['tokens_per_s'] or 0:.0f} | "
                          f"{t['peak_memory_mb']:.0f} |")
+        for name, t in part_b_table.items():
+            g = t.get("integrity")
+            if g:
+                lines += ["", f"Virtual groups in {name} (router telemetry of every training step): tokens see whole copies "
+                          f"of the dense MLP only while each group's experts receive identical token counts. The first step with a "
+                          f"broken group: {g['first_step_with_broken_groups']}; at the end groups were broken in "
+                          f"{g['final_layers_broken']} of {g['layers']} layers; layers routing every token to one "
+                          f"group, by step: {', '.join(f'{st}: {c}' for st, c in g['layers_on_one_group_by_step'])}."]
         part_b_claims = claims_part_b(part_b_table)
         lines += ["", "| finding (part B) | paper | ours | verdict |", "|---|---|---|---|"]
         lines += [f"| {c['claim']} | {c['paper']} | {c['ours']} | {c['verdict']} |" for c in part_b_claims]
@@ -651,6 +659,34 @@ def _part_b_active(run_json: dict, total: int) -> int:
     return int(total - experts + experts * e["top_k"] / (e["expansion"] * e["granularity"]))
 
 
+def virtual_group_integrity(router_jsonl: Path, granularity: int) -> dict | None:
+    """From the router telemetry (tokens per expert, per layer and step): whether each virtual
+    group (G consecutive experts sharing a router row at init) still receives identical token counts,
+    i.e. tokens still see whole copies of the dense MLP, and how many layers route every token to
+    one group (max/mean load = number of groups)."""
+    if not router_jsonl.is_file():
+        return None
+    first_broken, per_step = None, []
+    for ln in router_jsonl.read_text().splitlines():
+        rec = json.loads(ln)
+        broken = collapsed = 0
+        for layer in rec["layers"].values():
+            load = layer["load"]
+            n_groups = len(load) // granularity
+            groups = [load[g * granularity:(g + 1) * granularity] for g in range(n_groups)]
+            broken += any(max(g) - min(g) > 1e-6 for g in groups)
+            mean = sum(load) / len(load)
+            collapsed += mean > 0 and max(load) / mean > 0.95 * n_groups
+        per_step.append((rec["step"], broken, collapsed, len(rec["layers"])))
+        if broken and first_broken is None:
+            first_broken = rec["step"]
+    if not per_step:
+        return None
+    return {"first_step_with_broken_groups": first_broken, "final_layers_broken": per_step[-1][1],
+            "final_layers_on_one_group": per_step[-1][2], "layers": per_step[-1][3],
+            "layers_on_one_group_by_step": [(st, c) for st, _, c, _ in per_step if st in (1, 10, 50, 100, 150, 200)]}
+
+
 def part_b_results(b: Path) -> dict:
     """Per finished part-B run: parameters, start/end validation loss, the curve over tokens and
     FLOPs, throughput and memory (from examples/train.py's run.json, metrics.jsonl, summary.json)."""
@@ -669,7 +705,9 @@ def part_b_results(b: Path) -> dict:
         tokens_per_step = a["batch"] * a["seq_len"]
         rows = [json.loads(ln) for ln in (b / name / "metrics.jsonl").read_text().splitlines()]
         curve = [(0, d["val_loss_start"])] + [(r["step"] * tokens_per_step, r["val_loss"]) for r in rows if "val_loss" in r]
-        table[name] = {"total": d["params"], "active": active, "flops_per_token": fpt, "start": d["val_loss_start"],
+        groups = (rj.get("spec") or {}).get("experts", {}).get("granularity", 1)
+        integrity = virtual_group_integrity(b / name / "router.jsonl", groups) if groups > 1 else None
+        table[name] = {"integrity": integrity, "total": d["params"], "active": active, "flops_per_token": fpt, "start": d["val_loss_start"],
                        "end": d["val_loss_end"], "curve": curve, "tokens_per_s": d["tokens_per_s"],
                        "peak_memory_mb": d["peak_memory_mb"], "dense_start": d.get("val_loss_dense")}
     dense = table.get("dense")
