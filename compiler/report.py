@@ -73,7 +73,8 @@ class Report:
         elif router == "softmax_then_topk":
             out.append(f"    expected here: softmax_then_topk keeps only the top {ex['top_k']} of the experts' softmax "
                        "weights, so the MoE equals the dense MLP only as far as the router is uniform: a rel err "
-                       "near 0 with the default init_std (1e-3), 0.1-1 per layer with a larger one, and without scaling the output is a fraction of the "
+                       "of 0.1-1 per layer is normal with the default init_std (0.02; near 0 with 1e-3, which trains worse), "
+                       "and without scaling the output is a fraction of the "
                        "dense one (rel err near 1). What matters is the whole-model error and probe loss below, "
                        "and continued training recovers the rest (the paper's recipe)")
         else:
