@@ -223,6 +223,15 @@ def batches(train: torch.Tensor, step: int, batch: int, seed: int) -> torch.Tens
     return train[rows]
 
 
+def train_step(model, opt, ids: torch.Tensor) -> torch.Tensor:
+    opt.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
 def train_run(run_dir: Path, model, train, val, s: Setting, *, steps: int, peak: float, floor: float,
               data_seed: int, start_step: int, log=print) -> dict:
     """Train `model` for `steps` steps with checkpoints in run_dir; resumes; returns done.json's content."""
@@ -264,11 +273,7 @@ def train_run(run_dir: Path, model, train, val, s: Setting, *, steps: int, peak:
             g["lr"] = lr
         ids = batches(train, start_step + step, s.batch, data_seed)
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = train_step(model, opt, ids)
         t_spent += time.perf_counter() - t0
         steps_timed += 1
         step += 1
@@ -317,19 +322,25 @@ def pretrain(s: Setting, out: Path, seed: int, train, val, log) -> Path:
     return run
 
 
-def continue_variant(v: Variant, s: Setting, out: Path, seed: int, train, val, log) -> dict:
+def variant_model(v: Variant, s: Setting, out: Path, seed: int):
+    """The seed's pre-trained dense model, upcycled by the variant's spec (dense: as it is)."""
     from upcycle import compile_upcycle
 
+    model = dense_model(s, seed)
+    model.load_state_dict(torch.load(out / "runs" / f"pretrain-seed{seed}" / "final.pt", weights_only=True))
+    if v.spec is None:
+        return model
+    spec = json.loads(json.dumps(v.spec))
+    spec["verify"] = {"enabled": False}
+    spec["seed"] = seed
+    return compile_upcycle(model, spec)
+
+
+def continue_variant(v: Variant, s: Setting, out: Path, seed: int, train, val, log) -> dict:
     run = out / "runs" / f"{v.name}-seed{seed}"
     if (run / "done.json").is_file():
         return json.loads((run / "done.json").read_text())
-    model = dense_model(s, seed)
-    model.load_state_dict(torch.load(out / "runs" / f"pretrain-seed{seed}" / "final.pt", weights_only=True))
-    if v.spec is not None:
-        spec = json.loads(json.dumps(v.spec))
-        spec["verify"] = {"enabled": False}
-        spec["seed"] = seed
-        model = compile_upcycle(model, spec)
+    model = variant_model(v, s, out, seed)
     final_pretrain_lr = s.pretrain_lr / 10
     peak, floor = (final_pretrain_lr, final_pretrain_lr) if v.constant_lr else (s.continue_lr, s.continue_lr / 10)
     t0 = time.perf_counter()
@@ -360,30 +371,18 @@ def throughput(s: Setting, out: Path, log, rounds: int = 3, steps: int = 8) -> d
     """Training tokens/s of every variant measured side by side in one process: the training runs'
     own figures come from different hours of a shared machine and do not compare. Each variant
     starts from seed 0's pre-trained model; rounds alternate the variants; the median is kept."""
-    from upcycle import compile_upcycle
-
+    if not (out / "runs" / "pretrain-seed0" / "final.pt").is_file():
+        raise SystemExit(f"error: {out / 'runs' / 'pretrain-seed0' / 'final.pt'} not found: --throughput starts every "
+                         "variant from seed 0's pre-trained model; run `--part A --seeds 0` first")
     train, _ = load_text(s)
-    pre = out / "runs" / "pretrain-seed0" / "final.pt"
     runners = {}
     for v in VARIANTS:
-        model = dense_model(s, 0)
-        if pre.is_file():
-            model.load_state_dict(torch.load(pre, weights_only=True))
-        if v.spec is not None:
-            spec = json.loads(json.dumps(v.spec))
-            spec["verify"] = {"enabled": False}
-            model = compile_upcycle(model, spec)
-        model.train()
+        model = variant_model(v, s, out, 0).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
         runners[v.name] = (model, opt)
 
     def one_step(name, step):
-        model, opt = runners[name]
-        ids = batches(train, step, s.batch, 0)
-        opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        train_step(*runners[name], batches(train, step, s.batch, 0))
 
     for name in runners:  # warm-up: allocator, first-call paths
         one_step(name, 0)
@@ -474,6 +473,17 @@ def _fmt(m, sd, digits=4) -> str:
     return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
+ONE_SEED_MARGIN = 0.005  # relative validation-loss difference a single seed must exceed
+
+
+def _verdict(diff: float, margin: float, better: str = "lower") -> str:
+    """diff: relative loss of a vs b (negative: a lower). better: "lower" (the paper finds a lower)
+    or "no_gain" (the paper finds a not lower)."""
+    if better == "no_gain":
+        return "not reproduced at this scale" if diff < -margin else "reproduced"
+    return "reproduced" if diff < -margin else ("not reproduced at this scale" if diff > margin else "inconclusive")
+
+
 def claims(table: dict) -> list:
     """Each of the paper's findings, our number and a verdict: 'reproduced' when the difference
     has the paper's sign and exceeds twice the larger seed spread (or 0.5% with one seed),
@@ -486,11 +496,8 @@ def claims(table: dict) -> list:
             return {"claim": claim, "paper": paper, "ours": "not run", "verdict": "not run"}
         ma, sa, mb, sb = table[a][at] + table[b][at]
         diff = (ma - mb) / mb  # relative, negative = a lower
-        margin = max(2 * max(sa or 0.0, sb or 0.0) / mb, 0.005)
-        if better == "no_gain":
-            verdict = "not reproduced at this scale" if diff < -margin else "reproduced"
-        else:
-            verdict = "reproduced" if diff < -margin else ("not reproduced at this scale" if diff > margin else "inconclusive")
+        margin = max(2 * max(sa or 0.0, sb or 0.0) / mb, ONE_SEED_MARGIN)
+        verdict = _verdict(diff, margin, better)
         return {"claim": claim, "paper": paper, "ours": f"{100 * diff:+.2f}% val loss ({a} vs {b}; margin ±{100 * margin:.2f}%)",
                 "verdict": verdict}
 
@@ -633,7 +640,7 @@ def report(out: Path, s: Setting, log) -> Path:
         lines += ["", "| finding (part B) | paper | ours | verdict |", "|---|---|---|---|"]
         lines += [f"| {c['claim']} | {c['paper']} | {c['ours']} | {c['verdict']} |" for c in part_b_claims]
         cl = cl + part_b_claims
-        curves = plot_part_b(out, b, part_b_table)
+        curves = plot_part_b(out, part_b_table)
         if curves:
             lines += ["", f"![{curves.stem}]({curves.name})"]
     lines += ["", "## Commands", "",
@@ -687,10 +694,12 @@ def virtual_group_integrity(router_jsonl: Path, granularity: int) -> dict | None
             first_broken = rec["step"]
     if not per_step:
         return None
-    marks = (1, 2, 10, 50, 100, 200)
+    last = per_step[-1][0]
+    shown = [row for row in per_step if row[0] in (1, 2, 10, 50, 100, 200) or row[0] == last]
     return {"first_step_with_broken_groups": first_broken, "layers": per_step[-1][3],
-            "spread_by_step": [(st, round(sp, 3)) for st, sp, _, _ in per_step if st in marks or st == per_step[-1][0]],
-            "layers_on_one_group_by_step": [(st, c) for st, _, c, _ in per_step if st in marks or st == per_step[-1][0]]}
+            "spread_by_step": [(st, round(sp, 3)) for st, sp, _, _ in shown],
+            "layers_on_one_group_by_step": [(st, c) for st, _, c, _ in shown]}
+
 
 def part_b_results(b: Path) -> dict:
     """Per finished part-B run: parameters, start/end validation loss, the curve over tokens and
@@ -742,13 +751,13 @@ def claims_part_b(table: dict) -> list:
             out.append({"claim": claim, "paper": paper, "ours": "not run", "verdict": "not run"})
             continue
         diff = (table[name]["end"] - table[base]["end"]) / table[base]["end"]
-        verdict = "reproduced" if diff < -0.005 else ("not reproduced at this scale" if diff > 0.005 else "inconclusive")
-        out.append({"claim": claim, "paper": paper, "ours": f"{100 * diff:+.2f}% val loss ({name} vs {base}; margin ±0.50%, one seed)",
-                    "verdict": verdict})
+        out.append({"claim": claim, "paper": paper,
+                    "ours": f"{100 * diff:+.2f}% val loss ({name} vs {base}; margin ±{100 * ONE_SEED_MARGIN:.2f}%, one seed)",
+                    "verdict": _verdict(diff, ONE_SEED_MARGIN)})
     return out
 
 
-def plot_part_b(out: Path, b: Path, table: dict) -> Path | None:
+def plot_part_b(out: Path, table: dict) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
