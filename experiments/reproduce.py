@@ -356,9 +356,7 @@ def part_a(s: Setting, out: Path, log, only: list | None = None, seeds: list | N
     log(f"part A ({s.name}): train {train.shape[0]} x {s.seq} bytes, validation {min(s.eval_seqs, val.shape[0])} x {s.seq}")
     # Seed-major: every variant of the first seed finishes before the next seed's pre-training, so a
     # run cut short (a session ends) still leaves one complete comparison.
-    for seed in s.seeds:
-        if seeds is not None and seed not in seeds:
-            continue
+    for seed in s.seeds if seeds is None else seeds:  # --seeds may add seeds beyond the setting's
         pretrain(s, out, seed, train, val, log)
         for v in VARIANTS:
             if only and v.name not in only:
@@ -473,7 +471,9 @@ def _fmt(m, sd, digits=4) -> str:
     return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
-ONE_SEED_MARGIN = 0.005  # relative validation-loss difference a single seed must exceed
+ONE_SEED_MARGIN = 0.005  # relative validation-loss difference a comparison must exceed
+# two-sided 95% Student t quantiles by degrees of freedom (no scipy needed)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def _verdict(diff: float, margin: float, better: str = "lower") -> str:
@@ -484,22 +484,43 @@ def _verdict(diff: float, margin: float, better: str = "lower") -> str:
     return "reproduced" if diff < -margin else ("not reproduced at this scale" if diff > margin else "inconclusive")
 
 
+def paired(by_seed_a: dict, by_seed_b: dict, key: str) -> dict | None:
+    """a's relative loss difference to b, seed by seed. Both runs of a seed continue from the same
+    pre-trained model on the same data order, so the seed-to-seed spread of the pre-training
+    (~0.7% here) cancels; comparing means over different seed sets would not cancel it.
+    margin: the half-width of the 95% confidence interval of the mean difference (t over the
+    seeds), never below ONE_SEED_MARGIN; one seed gets ONE_SEED_MARGIN."""
+    seeds = sorted(s for s in set(by_seed_a) & set(by_seed_b)
+                   if by_seed_a[s].get(key) is not None and by_seed_b[s].get(key) is not None)
+    if not seeds:
+        return None
+    diffs = [(by_seed_a[s][key] - by_seed_b[s][key]) / by_seed_b[s][key] for s in seeds]
+    mean = statistics.mean(diffs)
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else None
+    margin = ONE_SEED_MARGIN if sd is None else max(ONE_SEED_MARGIN, T_975.get(len(diffs) - 1, 2.0) * sd / math.sqrt(len(diffs)))
+    return {"seeds": seeds, "diffs": diffs, "mean": mean, "sd": sd, "margin": margin}
+
+
+def _fmt_paired(p: dict) -> str:
+    spread = f" ± {100 * p['sd']:.2f}" if p["sd"] is not None else ""
+    per_seed = ", ".join(f"{100 * d:+.2f}" for d in p["diffs"])
+    n = len(p["seeds"])
+    return (f"{100 * p['mean']:+.2f}%{spread} val loss ({n} paired seed{'s' if n > 1 else ''}: {per_seed}; "
+            f"margin ±{100 * p['margin']:.2f}%)")
+
+
 def claims(table: dict) -> list:
-    """Each of the paper's findings, our number and a verdict: 'reproduced' when the difference
-    has the paper's sign and exceeds twice the larger seed spread (or 0.5% with one seed),
-    'not reproduced at this scale' when it has the opposite sign beyond that margin, else
-    'inconclusive'."""
+    """Each of the paper's findings, our number and a verdict from the paired difference (see
+    `paired`): 'reproduced' when its mean has the paper's sign beyond the margin, 'not reproduced
+    at this scale' when it has the opposite sign beyond it, else 'inconclusive'."""
     def cmp(a, b, claim, paper, better="lower", at="final"):
         """better: "lower" (the paper finds a's loss lower than b's) or "no_gain" (a is not lower);
         at: "final" (equal tokens) or "at_dense_flops" (equal training FLOPs)."""
-        if a not in table or b not in table or table[a][at][0] is None or table[b][at][0] is None:
+        p = paired(table[a]["by_seed"], table[b]["by_seed"], at) if a in table and b in table else None
+        if p is None:
             return {"claim": claim, "paper": paper, "ours": "not run", "verdict": "not run"}
-        ma, sa, mb, sb = table[a][at] + table[b][at]
-        diff = (ma - mb) / mb  # relative, negative = a lower
-        margin = max(2 * max(sa or 0.0, sb or 0.0) / mb, ONE_SEED_MARGIN)
-        verdict = _verdict(diff, margin, better)
-        return {"claim": claim, "paper": paper, "ours": f"{100 * diff:+.2f}% val loss ({a} vs {b}; margin ±{100 * margin:.2f}%)",
-                "verdict": verdict}
+        return {"claim": claim, "paper": paper, "ours": f"{a} vs {b}: {_fmt_paired(p)}",
+                "verdict": _verdict(p["mean"], p["margin"], better), "paired": p}
 
     out = [
         cmp("recipe", "dense", "upcycled E8G8T8 beats dense continued at equal tokens", "−4.1% (15B), −1.1% (2B)"),
@@ -518,13 +539,20 @@ def claims(table: dict) -> list:
         cmp("router_std_1e-3", "recipe", "router init std 1e-3 (exact start) trains better than 0.02", "(our question)"),
         cmp("bias_balancing", "recipe", "bias balancing instead of the aux loss", "(not in the paper)"),
     ]
-    dead = table.get("no_aux", {}).get("dead_experts")
-    dead_rec = table.get("recipe", {}).get("dead_experts")
-    out.append({"claim": "no aux loss leads to dead experts", "paper": "dead experts without it; coef 1e-2 used",
-                "ours": "not run" if dead is None else f"{dead} expert-layers with no tokens in the last eval step without balancing, "
-                f"{dead_rec} with the aux loss (worst-layer max/mean load {table['no_aux']['max_over_mean_load']:.2f} vs "
-                f"{table.get('recipe', {}).get('max_over_mean_load') or float('nan'):.2f})",
-                "verdict": "not run" if dead is None else ("reproduced" if dead > (dead_rec or 0) else "not reproduced at this scale")})
+    no_aux, rec = table.get("no_aux", {}).get("by_seed", {}), table.get("recipe", {}).get("by_seed", {})
+    seeds = sorted(set(no_aux) & set(rec))
+    claim = {"claim": "no aux loss leads to dead experts", "paper": "dead experts without it; coef 1e-2 used",
+             "ours": "not run", "verdict": "not run"}
+    if seeds and no_aux[seeds[0]].get("dead_experts") is not None:
+        dead = sum(no_aux[s]["dead_experts"] for s in seeds)
+        dead_rec = sum(rec[s].get("dead_experts") or 0 for s in seeds)
+        load = lambda by, s: by[s].get("max_over_mean_load") or float("nan")  # noqa: E731
+        claim["ours"] = (f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}: {dead} expert-layers with no "
+                         f"tokens in the last eval step without balancing, {dead_rec} with the aux loss (worst-layer max/mean "
+                         f"load {', '.join(f'{load(no_aux, s):.2f}' for s in seeds)} vs "
+                         f"{', '.join(f'{load(rec, s):.2f}' for s in seeds)})")
+        claim["verdict"] = "reproduced" if dead > dead_rec else "not reproduced at this scale"
+    out.append(claim)
     return out
 
 
@@ -535,28 +563,33 @@ def report(out: Path, s: Setting, log) -> Path:
     dense_flops = None
     if "dense" in runs:
         dense_flops = min(r["rows"][-1]["flops"] for r in runs["dense"].values())
+    pre = runs.get("pretrain", {})
     for name, seeds in runs.items():
         if name == "pretrain":
             continue
-        finals = [r["done"]["final_val_loss"] for r in seeds.values()]
-        at_flops = [_interp(r["rows"], "flops", dense_flops) for r in seeds.values()] if dense_flops else []
-        inits = [r["done"]["init_val_loss"] for r in seeds.values()]
-        last = [r["rows"][-1] for r in seeds.values()]
+        by_seed = {}
+        for seed, r in seeds.items():
+            last = r["rows"][-1]
+            pre_loss = pre[seed]["done"]["final_val_loss"] if seed in pre else None
+            by_seed[seed] = {
+                "final": r["done"]["final_val_loss"], "init": r["done"]["init_val_loss"],
+                "at_dense_flops": _interp(r["rows"], "flops", dense_flops) if dense_flops else None,
+                # the start's perplexity over the perplexity of the model it was upcycled from
+                "init_ppl_ratio": math.exp(r["done"]["init_val_loss"] - pre_loss) if pre_loss is not None else None,
+                "max_over_mean_load": last.get("max_over_mean_load"), "dead_experts": last.get("dead_experts")}
         d0 = next(iter(seeds.values()))["done"]
+        col = lambda key: _mean_sd([b[key] for b in by_seed.values()])  # noqa: E731
         table[name] = {
-            "final": _mean_sd(finals), "at_dense_flops": _mean_sd(at_flops), "init": _mean_sd(inits),
-            "seeds": len(seeds), "tokens_per_s": _mean_sd([r["done"]["tokens_per_s"] for r in seeds.values()])[0],
+            "final": col("final"), "at_dense_flops": col("at_dense_flops"), "init": col("init"),
+            "init_ppl_ratio": col("init_ppl_ratio")[0], "seeds": len(seeds), "by_seed": by_seed,
+            "tokens_per_s": _mean_sd([r["done"]["tokens_per_s"] for r in seeds.values()])[0],
             "total_params": d0["total_params"], "active_params": d0["active_params"], "flops_per_token": d0["flops_per_token"],
-            "max_over_mean_load": _mean_sd([r.get("max_over_mean_load") for r in last])[0],
-            "dead_experts": max((r.get("dead_experts") or 0) for r in last) if last[0].get("dead_experts") is not None else None,
-        }
+            "max_over_mean_load": col("max_over_mean_load")[0]}
     side_by_side = json.loads((out / "throughput.json").read_text()) if (out / "throughput.json").is_file() else None
     if side_by_side:
         for name, t in table.items():
             t["tokens_per_s_run"] = t["tokens_per_s"]
             t["tokens_per_s"] = side_by_side["tokens_per_s"].get(name)
-    pre = runs.get("pretrain", {})
-    pre_final = _mean_sd([r["done"]["final_val_loss"] for r in pre.values()])[0] if pre else None
     label = {v.name: v.label for v in VARIANTS}
     lines = [f"# Upcycling in miniature: results ({s.name} setting)", "",
              "Generated by `python experiments/reproduce.py --report` from the runs under `runs/`. "
@@ -570,7 +603,8 @@ def report(out: Path, s: Setting, log) -> Path:
               f"({s.continue_steps * s.tokens_per_step / 1e6:.2f}M tokens), peak LR {s.continue_lr:g} (reset above the "
               f"final {s.pretrain_lr / 10:g}), cosine to {s.continue_lr / 10:g}, aux loss 1e-2; same data order for "
               f"every variant of a seed. Seeds: {', '.join(map(str, s.seeds))} for dense, recipe, E8G1T2, "
-              f"topK-then-softmax and router std 1e-3 (the last two decide defaults); the first for the other ablations.",
+              f"topK-then-softmax and router std 1e-3 (the last two decide defaults), and further seeds where a "
+              f"comparison needed them (the table's seeds column); the first for the other ablations.",
               ""]
     for seed, r in sorted(pre.items()):
         p = r["done"].get("plateau", {})
@@ -579,28 +613,35 @@ def report(out: Path, s: Setting, log) -> Path:
                      f"({'a plateau: < 1%' if p.get('plateaued') else 'not yet a plateau (>= 1%)'}).")
     lines += ["", "## Validation loss after continued training", "",
               f"Equal tokens: after {s.continue_steps} steps. Equal FLOPs: interpolated on each run's validation curve "
-              "at the training FLOPs the dense model spent (6 × weights a token multiplies + attention). "
+              "at the training FLOPs the dense model spent (6 × weights a token multiplies + attention). Losses: mean ± "
+              "standard deviation over the seeds run; the pre-trained models of different seeds differ by ~0.7%, so "
+              "rows with one seed (seed 0) compare with the others through the paired column, not the mean. "
               + (f"Tokens/s: training steps measured side by side in one process (`--throughput`: "
                  f"{side_by_side['rounds']} alternated rounds of {side_by_side['steps_per_round']} steps, median, "
                  f"{side_by_side['threads']} threads), with the ratio to dense."
                  if side_by_side else "Tokens/s: the median over each run's own steps (runs took place at different "
                  "hours of a shared machine: compare with care; `--throughput` measures them side by side)."), "",
-              "| variant | seeds | init loss | init ppl / pre-trained ppl | final loss (equal tokens) | ppl | loss at dense's FLOPs | "
-              "params total / active | tokens/s | max/mean load |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| variant | seeds | init loss | init ppl / pre-trained ppl | final loss (equal tokens) | ppl | vs dense "
+              "(paired, equal tokens) | loss at dense's FLOPs | params total / active | tokens/s | max/mean load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = [v.name for v in VARIANTS]
     for name in sorted(table, key=lambda n: order.index(n) if n in order else 99):
         t = table[name]
         (fm, fs), (im, _), (em, es) = t["final"], t["init"], t["at_dense_flops"]
-        ratio = f"{math.exp(im - pre_final):.3f}" if pre_final is not None and im is not None else "—"
+        ratio = f"{t['init_ppl_ratio']:.3f}" if t["init_ppl_ratio"] is not None else "—"
         load = f"{t['max_over_mean_load']:.2f}" if t["max_over_mean_load"] is not None else "—"
+        p = paired(t["by_seed"], table["dense"]["by_seed"], "final") if "dense" in table and name != "dense" else None
+        vs = "—" if p is None else (f"{100 * p['mean']:+.2f}%" + (f" ± {100 * p['sd']:.2f}" if p["sd"] is not None else ""))
         lines.append(f"| {label.get(name, name)} | {t['seeds']} | {im:.4f} | {ratio} | {_fmt(fm, fs)} | {math.exp(fm):.3f} | "
-                     f"{_fmt(em, es)} | {t['total_params'] / 1e6:.2f}M / {t['active_params'] / 1e6:.2f}M | "
+                     f"{vs} | {_fmt(em, es)} | {t['total_params'] / 1e6:.2f}M / {t['active_params'] / 1e6:.2f}M | "
                      f"{_speed(t, table.get('dense'))} | {load} |")
     lines += ["", "## The paper's findings at this scale", "",
-              "Verdict rule: *reproduced* when our difference has the paper's sign and exceeds twice the larger seed "
-              "standard deviation (at least 0.5% with one seed); *not reproduced at this scale* when it has the opposite "
-              "sign beyond that margin; else *inconclusive*.", "",
+              "Differences are paired: a variant and its baseline continue, seed by seed, from the same pre-trained model "
+              "on the same data order, so the relative difference is taken per seed (listed) and then averaged over the "
+              "seeds both ran. Verdict rule: *reproduced* when the mean difference has the paper's sign and exceeds the "
+              "margin, the half-width of its 95% confidence interval (Student t over the seeds) and never less than 0.5% "
+              "(one seed: 0.5%); *not reproduced at this scale* when it has the opposite sign beyond the margin; else "
+              "*inconclusive*.", "",
               "| finding | paper | ours | verdict |", "|---|---|---|---|"]
     cl = claims(table)
     for c in cl:
@@ -784,30 +825,46 @@ def _save(fig, ax, path: Path) -> Path:
 
 
 def plot(out: Path, runs: dict, label: dict) -> list:
+    """validation_curves.png: every variant's seed-0 curve (one pre-trained model, comparable);
+    paired_vs_dense.png: each multi-seed variant's loss relative to dense continued at the same
+    step, mean over seeds with the min-max band; router_load.png: seed 0's worst-layer load."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
+    variants = {n: s for n, s in runs.items() if n != "pretrain"}
+    bold = ("dense", "recipe", "e8g1t2")
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    for name, seeds in runs.items():
-        if name == "pretrain":
-            continue
-        rows = next(iter(seeds.values()))["rows"]
-        xs = [r["tokens"] / 1e6 for r in rows]
-        ys = [statistics.mean(s_["rows"][i]["val_loss"] for s_ in seeds.values() if i < len(s_["rows"])) for i in range(len(rows))]
-        ax.plot(xs, ys, label=label.get(name, name), lw=2 if name in ("dense", "recipe", "e8g1t2") else 1)
+    for name, seeds in variants.items():
+        first = seeds[min(seeds)]["rows"]
+        ax.plot([r["tokens"] / 1e6 for r in first], [r["val_loss"] for r in first],
+                label=f"{label.get(name, name)} (seed {min(seeds)})", lw=2 if name in bold else 1)
     ax.set_xlabel("continued-training tokens (M)")
     ax.set_ylabel("validation loss (nats/byte)")
     paths.append(_save(fig, ax, out / "validation_curves.png"))
+    dense = variants.get("dense", {})
     fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
-    for name, seeds in runs.items():
-        rows = next(iter(seeds.values()))["rows"]
-        pts = [(r["step"], r["max_over_mean_load"]) for r in rows if r.get("max_over_mean_load")]
-        if pts and name != "pretrain":
+    for name, seeds in variants.items():
+        common = sorted(set(seeds) & set(dense))
+        if name == "dense" or len(common) < 2:
+            continue
+        steps = [r["step"] for r in seeds[common[0]]["rows"]]
+        rel = [[100 * (seeds[s]["rows"][i]["val_loss"] / dense[s]["rows"][i]["val_loss"] - 1) for s in common]
+               for i in range(len(steps))]  # [steps, seeds]
+        line, = ax.plot(steps, [statistics.mean(v) for v in rel], label=f"{label.get(name, name)} ({len(common)} seeds)")
+        ax.fill_between(steps, [min(v) for v in rel], [max(v) for v in rel], color=line.get_color(), alpha=0.15)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("continued-training step")
+    ax.set_ylabel("val loss vs dense continued, same seed (%)")
+    paths.append(_save(fig, ax, out / "paired_vs_dense.png"))
+    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
+    for name, seeds in variants.items():
+        pts = [(r["step"], r["max_over_mean_load"]) for r in seeds[min(seeds)]["rows"] if r.get("max_over_mean_load")]
+        if pts:
             ax.plot(*zip(*pts), label=label.get(name, name))
-    ax.set_xlabel("step")
+    ax.set_xlabel("step (seed 0)")
     ax.set_ylabel("max / mean expert load (worst layer)")
     paths.append(_save(fig, ax, out / "router_load.png"))
     return paths
@@ -819,7 +876,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["A", "B", "all"], default="all")
     ap.add_argument("--only", nargs="*", help="part A: these variants only")
-    ap.add_argument("--seeds", nargs="*", type=int, help="part A: these seeds only (default: the setting's all)")
+    ap.add_argument("--seeds", nargs="*", type=int,
+                    help="part A: these seeds (default: the setting's; more seeds add runs for variants run on every seed)")
     ap.add_argument("--throughput", action="store_true",
                     help="measure every variant's training tokens/s side by side (one process, alternated), then report")
     ap.add_argument("--report", action="store_true", help="write the report from the finished runs and exit")

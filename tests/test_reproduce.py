@@ -72,3 +72,27 @@ def test_part_b_active_parameters_match_the_compiled_model():
         want = total - expert + expert * experts["top_k"] // (experts["expansion"] * experts["granularity"])
         run_json = {"spec": {"experts": experts, "layers": "all"}, "dense_config": cfg.to_dict()}
         assert reproduce._part_b_active(run_json, total) == want
+
+
+def test_claims_pair_runs_by_seed():
+    """Seeds differ by more than the variants do (each seed pre-trains its own model), so a claim
+    compares a variant with its baseline seed by seed. Here the baseline's mean over three seeds is
+    lower than the single-seed variant, yet on the one seed both ran the variant is 1% lower: the
+    verdict must come from that pair."""
+    rep = _load_reproduce()
+    base = {0: {"final": 1.10}, 1: {"final": 1.00}, 2: {"final": 1.00}}  # mean 1.033
+    variant = {0: {"final": 1.089}}  # 1% below seed 0's baseline, above the 3-seed mean
+    p = rep.paired(variant, base, "final")
+    assert p["seeds"] == [0] and abs(p["mean"] - (-0.01)) < 1e-12 and p["margin"] == rep.ONE_SEED_MARGIN
+    assert rep._verdict(p["mean"], p["margin"]) == "reproduced"
+    # three seeds: margin = t(2) x sd / sqrt(3), floored at 0.5%
+    a = {s: {"final": v} for s, v in enumerate([0.98, 0.985, 0.975])}
+    b = {s: {"final": 1.0} for s in range(3)}
+    p = rep.paired(a, b, "final")
+    assert abs(p["margin"] - 4.303 * 0.005 / 3 ** 0.5) < 1e-9 and rep._verdict(p["mean"], p["margin"]) == "reproduced"
+    a[1]["final"] = 1.03  # one seed against: the interval now spans zero
+    p = rep.paired(a, b, "final")
+    assert rep._verdict(p["mean"], p["margin"]) == "inconclusive"
+    # a seed missing its value is left out, not counted as zero
+    a[2]["final"] = None
+    assert rep.paired(a, b, "final")["seeds"] == [0, 1]
