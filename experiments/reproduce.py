@@ -686,9 +686,12 @@ def report(out: Path, s: Setting, log) -> Path:
             lines += ["", f"![{curves.stem}]({curves.name})"]
     lines += ["", "## Commands", "",
               "Each resumes where it stopped (runs checkpoint; finished runs are skipped). The order used here: seed 0's "
-              "variants, then part B, then seeds 1 and 2.", "", "```",
+              "variants, then part B, then seeds 1 and 2, the side-by-side throughput, then two more seeds for the "
+              "comparison that decides the router type's default.", "", "```",
               "python experiments/reproduce.py --part A --seeds 0",
               "python experiments/reproduce.py --part B", "python experiments/reproduce.py --part A",
+              "python experiments/reproduce.py --throughput",
+              "python experiments/reproduce.py --part A --seeds 3 4 --only dense recipe topk_then_softmax",
               "python experiments/reproduce.py --report", "```", ""]
     path = res_dir / "REPORT.md"
     path.write_text("\n".join(lines))
