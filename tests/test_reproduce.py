@@ -20,8 +20,8 @@ def test_quick_pipeline_and_resume(tmp_path):
         assert needle in report, needle
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["table"]) == 12 and all(c["verdict"] != "not run" for c in results["claims"])
-    assert set(results["part_b"]) == {"dense", "recipe", "e8g1t2", "recipe_std_0.02"}
-    assert sum("SmolLM2-135M" in c["claim"] and c["verdict"] != "not run" for c in results["claims"]) == 4
+    assert set(results["part_b"]) == {"dense", "recipe", "e8g1t2", "recipe_std_0.02", "topk_then_softmax"}
+    assert sum("SmolLM2-135M" in c["claim"] and c["verdict"] != "not run" for c in results["claims"]) == 5
     for png in ("validation_curves.png", "router_load.png", "smollm2_validation_curves.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     done = sorted(p.parent.name for p in (tmp_path / "runs").glob("*/done.json"))
