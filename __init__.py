@@ -15,7 +15,8 @@ if __name__ != "upcycle":
 
     _sys.modules[__name__] = _importlib.import_module("upcycle")
 else:
-    from .runtime import MoEConfig, MoELayer, aux_loss, read_router_stats, set_aux_loss_scale, update_expert_bias
+    from .runtime import (MoEConfig, MoELayer, aux_loss, read_router_stats, relax_routing, set_aux_loss_scale,
+                          update_expert_bias)
 
     __version__ = "0.1.0"
 
@@ -28,4 +29,4 @@ else:
         raise AttributeError(f"module 'upcycle' has no attribute {name!r}")
 
     __all__ = ["compile_upcycle", "load", "save", "plan_upcycle", "UpcycleError", "MoEConfig", "MoELayer",
-               "aux_loss", "read_router_stats", "set_aux_loss_scale", "update_expert_bias", "__version__"]
+               "aux_loss", "read_router_stats", "relax_routing", "set_aux_loss_scale", "update_expert_bias", "__version__"]

@@ -106,6 +106,12 @@ def hf_export_plan(model: nn.Module, spec=None, target: str | None = None) -> di
     if trained_bias:
         raise ExportError(f"{name}: model.layers.{trained_bias[0]}.mlp routes with a trained aux-loss-free bias "
                           "(router.balancing: bias), which Mixtral / Qwen2-MoE routers cannot hold; use the native format")
+    per_slice = [i for i in moe_idx if layers[i].mlp.router.selection != "topk"
+                 and not _selections_agree(layers[i].mlp, spec if spec is not None else getattr(model, "_upcycle_spec", None))]
+    if per_slice:
+        raise ExportError(f"{name}: model.layers.{per_slice[0]}.mlp routes per shard position (router.selection: "
+                          "per_slice), which transformers' top-K routers cannot hold; train the last steps with "
+                          "upcycle.relax_routing(model) (examples/train.py relaxes by default) or use the native format")
     if cfg.hidden_act not in _ACT.get(c.activation, ()):
         raise ExportError(f"{name}: expert activation {c.activation} differs from hidden_act {cfg.hidden_act}")
     fine = c.d_expert != cfg.intermediate_size
@@ -119,6 +125,17 @@ def hf_export_plan(model: nn.Module, spec=None, target: str | None = None) -> di
     if target not in ("mixtral", "qwen2_moe"):
         raise ExportError(f"unknown export target {target!r}; choose mixtral or qwen2_moe")
     return {"target": target, "moe_layers": moe_idx, "dense_layers": dense_idx, "moe": c}
+
+
+def _selections_agree(moe, spec) -> bool:
+    """per_slice and plain top-K pick the same experts while every virtual group's router rows are
+    equal (an untrained virtual-group or k-means init): then the top-K format holds the layer."""
+    w = moe.router.weight
+    if w.is_meta:  # planned, not yet mapped: the spec says how the rows will be initialised
+        init = getattr(getattr(spec, "router", None), "init", None)
+        return init in ("virtual_group", "kmeans") and moe.router.bias is None
+    rows = w.detach().view(-1, moe.config.virtual_group_size, w.shape[-1])  # [groups, G, D]
+    return moe.router.bias is None and bool((rows == rows[:, :1]).all())
 
 
 def hf_aux_loss_coef(c, num_moe_layers: int) -> float:
@@ -214,7 +231,9 @@ def hf_layer_tensors(state: dict[str, torch.Tensor], c, target: str, prefix: str
     out = {
         prefix + "gate.weight": w,  # [N, D]
         prefix + "experts.gate_up_proj": torch.cat([gate, up], dim=1) if concat else Interleaved(gate, up),  # [N, 2H, D]
-        prefix + "experts.down_proj": state["experts.down_proj"],  # [N, D, H]
+        # scaling_placement "output": the fixed multiplier folds into the down projections
+        prefix + "experts.down_proj": state["experts.down_proj"] * c.output_multiplier
+        if c.output_multiplier != 1.0 else state["experts.down_proj"],  # [N, D, H]
     }
     if target == "qwen2_moe":
         d = c.d_model

@@ -47,6 +47,12 @@ def rebuild_run_model(run_dir: Path) -> tuple[nn.Module, dict]:
     return upcycle_model(dense, info["spec"], structure_only=True).model, info["spec"]
 
 
+def _relaxed(spec: dict) -> dict:
+    spec = json.loads(json.dumps(spec))
+    spec.setdefault("router", {})["selection"] = "topk"
+    return spec
+
+
 def export_run(run_dir, out, *, fmt: str = "native", step: int | None = None, force: bool = False) -> Path:
     from upcycle.runtime.train_checkpoint import latest_checkpoint, load_model_weights
 
@@ -56,6 +62,13 @@ def export_run(run_dir, out, *, fmt: str = "native", step: int | None = None, fo
         raise UpcycleError(f"{run_dir}: no complete checkpoint{'' if step is None else f' for step {step}'} under checkpoints/")
     model, spec = rebuild_run_model(run_dir)
     load_model_weights(ckpt, model)
+    relax_at = json.loads((run_dir / "run.json").read_text()).get("relax_routing_step")
+    if relax_at is not None and int(ckpt.name.split("-")[-1]) > relax_at:
+        # the run switched per_slice routers to plain top-K before this checkpoint (examples/train.py)
+        from upcycle.runtime import relax_routing
+
+        relax_routing(model)
+        spec = _relaxed(spec)
     model.eval()
     if fmt == "hf":
         from .export_hf import export_hf

@@ -53,6 +53,7 @@ def moe_config_for(entry_gated: bool, activation: str, d_model: int, d_ffn: int,
                    has_output_bias: bool, spec: UpcycleSpec) -> MoEConfig:
     g = spec.experts.granularity
     shared = spec.experts.shared_experts
+    scale = plan_scaling(spec, activation, entry_gated)
     return MoEConfig(
         d_model=d_model,
         d_expert=d_ffn // g,
@@ -71,6 +72,9 @@ def moe_config_for(entry_gated: bool, activation: str, d_model: int, d_ffn: int,
         bias_update_rate=spec.router.bias_update_rate,
         capacity_factor=spec.runtime.capacity_factor,
         virtual_group_size=spec.experts.routed_granularity,
+        selection=spec.router.selection,
+        scale_factor=scale.factor,
+        output_multiplier=scale.output,
     )
 
 

@@ -59,6 +59,9 @@ def parse_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--aux", type=float, default=None, help="router aux loss coefficient (default: the spec's, 1e-2)")
+    ap.add_argument("--relax-routing-at", type=float, default=0.9,
+                    help="per_slice routers switch to plain top-K at this fraction of --steps, so the last steps "
+                         "train the routing transformers' MoE formats hold (1 = never; no effect on top-K models)")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-seqs", type=int, default=32, help="validation sequences (from the Gospel of John)")
     ap.add_argument("--checkpoint-every", type=int, default=50)
@@ -78,7 +81,14 @@ def parse_args(argv=None):
         args.eval_seqs = min(args.eval_seqs, 8)
     if args.warmup is None:
         args.warmup = max(1, args.steps // 20)
+    if not 0.0 <= args.relax_routing_at <= 1.0:
+        ap.error(f"--relax-routing-at must be in [0, 1], got {args.relax_routing_at}")
     return args
+
+
+def relax_step(args) -> int | None:
+    """The step from which per_slice routers route by plain top-K (None: never)."""
+    return None if args.relax_routing_at >= 1.0 else int(round(args.relax_routing_at * args.steps))
 
 
 class Dist:
@@ -296,7 +306,8 @@ def main(argv=None) -> int:
     if d.main and not resuming:
         (run / "run.json").write_text(json.dumps({"args": vars(args), "source": source, "spec": spec,
                                                   "dense_config": dense_config, "tokenizer": tok_name,
-                                                  "params": n_params}, indent=2))
+                                                  "params": n_params, "relax_routing_step": relax_step(args)},
+                                                 indent=2))
     parallelize(model, d.mesh, checkpointing=args.checkpointing, compile=args.compile,
                 param_dtype=torch.bfloat16 if args.dtype == "bf16" else None)
     opt = adamw(param_groups(model, args.weight_decay), args.lr)
@@ -326,9 +337,12 @@ def main(argv=None) -> int:
 
     bar = tqdm(total=args.steps, initial=start, disable=not (d.main and sys.stderr.isatty()), unit="step")
     tokens_seen, t_train, val_loss = 0, 0.0, None
+    relax_at = relax_step(args)
     for step in range(start, args.steps):
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if relax_at is not None and step >= relax_at and upcycle.relax_routing(model):
+            log(f"step {step}: per_slice routing relaxed to plain top-K for the last {args.steps - step} steps")
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         total = 0.0

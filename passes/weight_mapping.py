@@ -87,8 +87,9 @@ class Scaling:
     factor: float
     first: float  # on gate and up (and their biases)
     down: float
-    placement: str  # what was chosen: split / balanced / down_proj / none
+    placement: str  # what was chosen: split / balanced / down_proj / output / none
     exact: bool  # whether first^d · (first) · down == factor holds exactly for this activation
+    output: float = 1.0  # fixed multiplier on the layer's routed output (placement "output")
 
 
 def scaling_factor(spec: UpcycleSpec) -> float:
@@ -114,6 +115,11 @@ def plan_scaling(spec: UpcycleSpec, activation: str, gated: bool) -> Scaling:
         placement = "split" if degree is not None else "down_proj"
     if placement == "down_proj":
         return Scaling(a, 1.0, a, "down_proj", True)
+    if placement == "output":
+        # the same function as down_proj, but the weights keep the dense model's scale, so Adam's
+        # steps (about lr whatever a weight's size) move them as much, relative to their size, as in
+        # the dense model; a is a constant of the layer, not a trainable weight
+        return Scaling(a, 1.0, 1.0, "output", True, output=a)
     if placement == "split":
         k = degree + (2 if gated else 1)  # act(s·g)·(s·u)·s = s^(d+2); act(s·u)·s = s^(d+1)
         s = a ** (1.0 / k)
@@ -219,13 +225,19 @@ def expert_weights(dense: DenseMLPWeights, spec: UpcycleSpec, scale: Scaling, ge
     e, g, s = spec.experts.expansion, spec.experts.granularity, spec.experts.shared_experts
     d = dense.d_model
     dtype = dense.up.dtype
+    # Qwen2's upcycling: each copy's hidden units in its own random order before sharding, so the
+    # shards of different copies hold different units (a copy's G shards still partition them)
+    perms = [torch.randperm(dense.d_ffn, generator=generator) for _ in range(e)] if spec.experts.shuffle else None
+
+    def copies(t: torch.Tensor) -> torch.Tensor:
+        """[F, ...] -> [E·G', H, ...]: the E copies' routed shards, copy-major."""
+        if perms is None:
+            shards = shard_rows(t, g)[s:]  # [G', H, ...]: the shards the shared expert does not hold
+            return shards.repeat(e, *([1] * (shards.dim() - 1)))
+        return torch.cat([shard_rows(t[p], g)[s:] for p in perms])
 
     def experts_from_rows(t: torch.Tensor | None, factor: float) -> torch.Tensor | None:
-        shards = shard_rows(None if t is None else t.float() * factor, g)  # [G, H, ...]
-        if shards is None:
-            return None
-        shards = shards[s:]  # [G', H, ...]: the shards the shared expert does not hold
-        return shards.repeat(e, *([1] * (shards.dim() - 1)))  # [E·G', H, ...]
+        return None if t is None else copies(t.float() * factor)
 
     out = {
         "up_proj": experts_from_rows(dense.up, scale.first),  # [N, H, D]
@@ -234,13 +246,17 @@ def expert_weights(dense: DenseMLPWeights, spec: UpcycleSpec, scale: Scaling, ge
         "gate_bias": experts_from_rows(dense.gate_bias, scale.first),
     }
     down = dense.down.float().t() * scale.down  # [F, D]
-    out["down_proj"] = shard_rows(down, g)[s:].transpose(1, 2).contiguous().repeat(e, 1, 1)  # [N, D, H]: transpose once, copy E times
+    if perms is None:  # transpose once, copy E times
+        out["down_proj"] = shard_rows(down, g)[s:].transpose(1, 2).contiguous().repeat(e, 1, 1)  # [N, D, H]
+    else:
+        out["down_proj"] = copies(down).transpose(1, 2).contiguous()  # [N, D, H]
     n = out["down_proj"].shape[0]
     if dense.down_bias is not None and s:
         out["down_bias"] = dense.down_bias.new_zeros(n, d)  # the shared expert adds the whole bias, exactly
     elif dense.down_bias is not None:
-        # every expert carries a/G of the bias, so a whole virtual group (G shards) adds it once
-        out["down_bias"] = (dense.down_bias.float() * scale.factor / g).expand(n, d).clone()  # [N, D]
+        # every expert carries 1/G of the bias times the factor the weights carry (a, or 1 when the
+        # factor is an output multiplier), so a whole virtual group (G shards) adds it once, scaled
+        out["down_bias"] = (dense.down_bias.float() * (scale.factor / scale.output) / g).expand(n, d).clone()  # [N, D]
 
     r = spec.experts.drop_upcycling
     if r > 0:

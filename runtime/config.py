@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 ROUTER_TYPES = ("softmax_then_topk", "topk_then_softmax")
+# which experts a token gets: the K best overall, or the T/G best copies of each shard position
+SELECTIONS = ("topk", "per_slice")
 BACKENDS = ("auto", "reference", "grouped", "triton")
 # aux_loss: the load-balancing loss reaches the router through autograd; bias: DeepSeek-V3's
 # aux-loss-free per-expert routing bias, updated once per optimizer step; both; none
@@ -39,12 +41,23 @@ class MoEConfig:
     # experts per virtual group (G − S: consecutive experts that start as shards of one dense copy);
     # telemetry reports how many tokens still pick whole groups
     virtual_group_size: int = 1
+    selection: str = "topk"
+    # the weight-scaling factor a of the upcycling: what a whole group's shards are multiplied by,
+    # held in the expert weights or in output_multiplier (telemetry's combine mass divides by it)
+    scale_factor: float = 1.0
+    # fixed (non-trainable) multiplier on the routed output; 1.0 unless scaling_placement is "output"
+    output_multiplier: float = 1.0
 
     def __post_init__(self) -> None:
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.selection == "per_slice" and self.top_k % self.virtual_group_size:
+            raise ValueError(f"per_slice selection needs top_k={self.top_k} to be a multiple of "
+                             f"virtual_group_size={self.virtual_group_size}")
         if self.balancing not in BALANCING:
             raise ValueError(f"balancing must be one of {BALANCING}, got {self.balancing!r}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:

@@ -52,7 +52,7 @@ class MoELayer(nn.Module):
         self.config = config
         self.router = TopKRouter(
             config.d_model, config.num_experts, config.top_k, config.router_type, bias=config.router_bias,
-            expert_bias=config.uses_bias,
+            expert_bias=config.uses_bias, selection=config.selection, group_size=config.virtual_group_size,
         )
         self.experts = GroupedExperts(config)
         self.shared_expert = SharedExpert(config) if config.shared_d_ffn > 0 else None
@@ -113,8 +113,10 @@ class MoELayer(nn.Module):
             if torch.is_grad_enabled() and (cfg.uses_aux_loss or cfg.z_loss_coef):
                 weights = attach_aux_loss(weights, loss, self.aux_loss_scale)
             if self.track_stats and not recomputing():
-                accumulate(self, route.indices, route.probs, kept, mask, lb, z)
+                accumulate(self, route.indices, route.probs, weights.detach(), kept, mask, lb, z)
                 self.last_aux_loss.copy_(loss.detach())
+        if cfg.output_multiplier != 1.0:  # scaling_placement "output": a on the combine weights, [tokens, K]
+            weights = weights * cfg.output_multiplier
         run_experts = resolve_backend(self.backend, tokens.device)
         if self.ep is not None:
             out = ep_forward(self, tokens, route.indices, weights, run_experts)  # [tokens, D]
@@ -130,8 +132,32 @@ class MoELayer(nn.Module):
         return f"backend={self.backend}, shared_d_ffn={c.shared_d_ffn}, balancing={c.balancing}{extra}"
 
 
+def moe_layers(model: nn.Module) -> dict:
+    """{module path: MoELayer} of a model, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+
+
+def relax_routing(model: nn.Module) -> int:
+    """Switch every per_slice layer to plain top-K selection (same router weights, same weights of
+    the kept experts), the routing that transformers' MoE formats hold. Run it for the last steps of
+    training so the exported model is the one that was trained; the saved spec follows. Returns the
+    number of layers switched."""
+    from dataclasses import replace
+
+    switched = 0
+    for layer in moe_layers(model).values():
+        if layer.config.selection != "topk":
+            layer.config = replace(layer.config, selection="topk")
+            layer.router.selection = "topk"
+            switched += 1
+    spec = getattr(model, "_upcycle_spec", None)
+    if spec is not None and getattr(spec.router, "selection", "topk") != "topk":
+        model._upcycle_spec = replace(spec, router=replace(spec.router, selection="topk"))
+    return switched
+
+
 def build_moe(config: MoEConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MoELayer:
     return MoELayer(config).to(device=device, dtype=dtype)
 
 
-__all__ = ["MoELayer", "SharedExpert", "build_moe"]
+__all__ = ["MoELayer", "SharedExpert", "build_moe", "moe_layers", "relax_routing"]

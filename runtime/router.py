@@ -23,10 +23,30 @@ class RouterOutput(NamedTuple):
     logits: torch.Tensor  # [tokens, num_experts] fp32
 
 
+def per_slice_topk(scores: torch.Tensor, group_size: int, copies: int) -> torch.Tensor:
+    """Complete-MLP selection: scores [tokens, N] -> expert ids [tokens, T], T = copies · G.
+
+    Experts come in N/G virtual groups of G shards, expert g·G + s holding shard s (weight_mapping's
+    layout). For every shard position s the `copies` best groups are taken, so each token always
+    gets every shard of the dense MLP the same number of times (a complete MLP, or `copies` of them)
+    while the shards may come from different groups. Plain top-K instead lets the G rows of a group
+    drift apart in training and hands tokens some shards twice and others not at all.
+    """
+    tokens = scores.shape[0]
+    per_slice = scores.view(tokens, -1, group_size)  # [tokens, N/G groups, G shard positions]
+    group = torch.topk(per_slice, copies, dim=1).indices  # [tokens, copies, G]
+    slot = torch.arange(group_size, device=scores.device)  # [G]
+    return (group * group_size + slot).reshape(tokens, copies * group_size)  # [tokens, T]
+
+
 class TopKRouter(nn.Module):
     """softmax_then_topk keeps the top-K probabilities of a softmax over all experts (the
     paper's choice: kept weights sum to < 1); topk_then_softmax renormalises over the kept K
     (Mixtral: kept weights sum to 1).
+
+    `selection` says which K experts are kept: "topk" the K highest scores overall, "per_slice"
+    the T/G highest of each shard position (per_slice_topk). The weights of the kept experts
+    follow the router type in both cases.
 
     With `expert_bias` (aux-loss-free balancing, DeepSeek-V3) a per-expert bias is added to the
     softmax probabilities used for the top-K *choice* only, for both router types (probabilities
@@ -36,11 +56,16 @@ class TopKRouter(nn.Module):
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, router_type: str, bias: bool = False,
-                 expert_bias: bool = False):
+                 expert_bias: bool = False, selection: str = "topk", group_size: int = 1):
         super().__init__()
+        if selection == "per_slice" and (num_experts % group_size or top_k % group_size):
+            raise ValueError(f"per_slice selection needs group_size={group_size} to divide num_experts={num_experts} "
+                             f"and top_k={top_k}")
         self.num_experts = num_experts
         self.top_k = top_k
         self.router_type = router_type
+        self.selection = selection  # mutable: relax_routing() switches per_slice to topk
+        self.group_size = group_size
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=torch.float32))  # [N, D]
         self.bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32)) if bias else None
         # learned by the balancing rule, not by gradients: a persistent buffer (None: not used)
@@ -64,21 +89,22 @@ class TopKRouter(nn.Module):
             logits = F.linear(x.float(), self.weight.float(), bias)  # [tokens, N] fp32
         probs = torch.softmax(logits, dim=-1)  # [tokens, N]
         eb = self.expert_bias
-        if self.router_type == "softmax_then_topk":
-            if eb is None:
-                weights, indices = torch.topk(probs, self.top_k, dim=-1)  # [tokens, K]
-            else:
-                indices = torch.topk(probs + eb, self.top_k, dim=-1).indices
-                weights = probs.gather(1, indices)
+        # the choice: on probabilities when a balancing bias is added (one scale, [0, 1]), else on the
+        # router type's own scores (softmax order = logit order, so both choose the same experts)
+        score = probs if self.router_type == "softmax_then_topk" else logits
+        if eb is not None:
+            score = probs + eb
+        if self.selection == "per_slice":
+            indices = per_slice_topk(score, self.group_size, self.top_k // self.group_size)  # [tokens, K]
         else:
-            if eb is None:
-                top_logits, indices = torch.topk(logits, self.top_k, dim=-1)
-            else:  # choose on probabilities (same order as logits) so the bias has one scale
-                indices = torch.topk(probs + eb, self.top_k, dim=-1).indices
-                top_logits = logits.gather(1, indices)
-            weights = torch.softmax(top_logits, dim=-1)  # [tokens, K]
+            indices = torch.topk(score, self.top_k, dim=-1).indices  # [tokens, K]
+        if self.router_type == "softmax_then_topk":
+            weights = probs.gather(1, indices)  # [tokens, K], sum < 1
+        else:
+            weights = torch.softmax(logits.gather(1, indices), dim=-1)  # [tokens, K], sum 1
         return RouterOutput(indices, weights, probs, logits)
 
     def extra_repr(self) -> str:
         bias = ", expert_bias" if self.expert_bias is not None else ""
-        return f"num_experts={self.num_experts}, top_k={self.top_k}, type={self.router_type}{bias}"
+        sel = f", selection=per_slice(G={self.group_size})" if self.selection == "per_slice" else ""
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, type={self.router_type}{sel}{bias}"

