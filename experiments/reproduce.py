@@ -65,6 +65,9 @@ class Setting:
     eval_seqs: int
     checkpoint_every: int
     seeds: tuple = (0, 1, 2)
+    # kjv: the KJV alone (4.3 MB: the 16.4M-token budget sees it ~4 times); mixed: KJV + Austen +
+    # GCIDE (36 MB, textdata.mixed_corpus), so no training token repeats, validation held out of it
+    corpus: str = "kjv"
 
     @property
     def tokens_per_step(self) -> int:
@@ -79,6 +82,8 @@ SETTINGS = {
                     pretrain_steps=3000, pretrain_lr=3e-3, continue_steps=1000, continue_lr=1e-3, eval_every=100,
                     eval_seqs=128, checkpoint_every=250),
 }
+# the same model and budget on a corpus large enough that no token repeats (mechanism 4 of issue 20)
+SETTINGS["fresh"] = replace(SETTINGS["full"], name="fresh", corpus="mixed", eval_seqs=512)
 
 RECIPE = {"experts": {"expansion": 8, "granularity": 8, "top_k": 8},
           "router": {"type": "softmax_then_topk", "init": "virtual_group", "init_std": 0.02, "aux_loss_coef": 0.01},
@@ -121,6 +126,8 @@ VARIANTS = [
     Variant("no_aux", _spec(router__balancing="none"), "E8G8T8 without load balancing", "one"),
     Variant("e8g1t1", _spec(experts={"expansion": 8, "granularity": 1, "top_k": 1}), "E8G1T1", "one"),
     Variant("recipe_constant_lr", _spec(), "E8G8T8 at the final pre-training LR, no reset", "one", constant_lr=True),
+    # issue 20: complete-MLP routing (every token gets each shard position once, from any copy)
+    Variant("per_slice", _spec(router__selection="per_slice"), "E8G8T8 per-slice selection"),
 ]
 
 
@@ -128,8 +135,12 @@ VARIANTS = [
 
 def load_text(setting: Setting):
     """Byte tokens of the fixed split, packed: train [n, seq], val [m, seq]."""
-    from textdata import byte_tokens, kjv_split, pack
+    from textdata import byte_tokens, kjv_split, mixed_corpus, pack
 
+    if setting.corpus == "mixed":
+        train, val = mixed_corpus()
+        as_ids = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8).to(torch.int64)  # noqa: E731
+        return pack(as_ids(train), setting.seq), pack(as_ids(val), setting.seq)
     cache = ROOT / ".cache" / f"kjv-bytes-{setting.seq}.pt"
     if cache.is_file():
         d = torch.load(cache, weights_only=True)
@@ -893,12 +904,15 @@ def main(argv=None) -> int:
                     help="measure every variant's training tokens/s side by side (one process, alternated), then report")
     ap.add_argument("--report", action="store_true", help="write the report from the finished runs and exit")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run of the whole pipeline")
+    ap.add_argument("--setting", choices=["full", "fresh"], default="full",
+                    help="part A's setting: full (KJV, repeated ~4 times) or fresh (36 MB mixed corpus, no repeats)")
     ap.add_argument("--out", default=None, help="results folder (default experiments/results, or .../quick)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    s = SETTINGS["quick" if args.quick else "full"]
-    out = Path(args.out) if args.out else ROOT / "experiments" / "results" / ("quick" if args.quick else "")
+    s = SETTINGS["quick" if args.quick else args.setting]
+    sub = "quick" if args.quick else ("" if args.setting == "full" else args.setting)
+    out = Path(args.out) if args.out else ROOT / "experiments" / "results" / sub
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "log.txt", "a")
 
