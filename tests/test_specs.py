@@ -32,7 +32,7 @@ from upcycle.specs import (
 )
 from upcycle.specs.validate import SECTION_KEYS, TOP_KEYS
 
-PRESETS = ["e8g8t8", "e8g1t2", "e8g1t2-topk-then-softmax", "e8g8t8-every-other", "sparse-upcycling-e8g1t2"]
+PRESETS = ["e8g8t8", "paper-e8g8t8", "e8g1t2", "e8g1t2-topk-then-softmax", "e8g8t8-every-other", "sparse-upcycling-e8g1t2"]
 
 
 def load_text(tmp_path, text: str, name: str = "spec.yaml") -> UpcycleSpec:
