@@ -1,4 +1,4 @@
-"""Dense MLP weights → MoE weights (UPCYCLING.md §1, §2, §4).
+"""Dense MLP weights → MoE weights (docs/algorithm.md §2, §3, §5).
 
 Fine-grained shards along the hidden dimension (gate/up re-paired per shard), E copies, expert e
 holding shard e mod G, virtual-group router rows repeated G times, and the weight-scaling factor
@@ -93,7 +93,7 @@ class Scaling:
 
 
 def scaling_factor(spec: UpcycleSpec) -> float:
-    """The paper's activation scale a (UPCYCLING.md §4)."""
+    """The paper's activation scale a (docs/algorithm.md §5)."""
     if spec.weight_scaling == "none":
         return 1.0
     if spec.weight_scaling != "auto":
@@ -309,7 +309,7 @@ def virtual_group_ok(spec: UpcycleSpec) -> bool:
 
 
 def expected_exact(spec: UpcycleSpec, scale: Scaling) -> bool:
-    """Cases where the upcycled layer must equal the dense MLP (UPCYCLING.md §4)."""
+    """Cases where the upcycled layer must equal the dense MLP (docs/algorithm.md §5)."""
     ex = spec.experts
     if spec.router.type != "topk_then_softmax" or ex.drop_upcycling > 0:
         return False

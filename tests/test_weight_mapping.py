@@ -1,4 +1,4 @@
-"""UPCYCLING.md §1, §2, §4: shards, virtual groups, scaling factors and placements."""
+"""docs/algorithm.md §2, §3, §5: shards, virtual groups, scaling factors and placements."""
 
 import itertools
 
