@@ -51,6 +51,7 @@ class Variant:
     spec: dict | None = None  # changes to BASE, section -> {key: value}; None: dense continued
     router_lr_mult: float = 1.0  # the router's LR relative to everything else
     router_frozen_steps: int = 0  # router LR 0 for the first steps (a router warm-up)
+    relax_at: int | None = None  # step from which per_slice routers route by plain top-K
     mechanism: str = ""
 
 
@@ -78,6 +79,15 @@ VARIANTS = [
     Variant("router_frozen_20", "E8G8T8, router frozen for 20 steps", {}, router_frozen_steps=20, mechanism="3"),
     Variant("qwen_init", "E8G8T8, Qwen init (copies shuffled, 50% re-initialised)",
             {"experts": {"shuffle": True, "drop_upcycling": 0.5}}, mechanism="5"),
+    Variant("per_slice_relax50", "E8G8T8, per-slice, relaxed to top-K at step 50",
+            {"router": {"selection": "per_slice"}}, relax_at=50, mechanism="export"),
+    Variant("e8g1t2", "E8G1T2 (factor 4 in down_proj)", {"experts": {"expansion": 8, "granularity": 1, "top_k": 2}},
+            mechanism="baseline"),
+    Variant("e8g1t2_output", "E8G1T2, factor as a fixed output multiplier",
+            {"experts": {"expansion": 8, "granularity": 1, "top_k": 2}, "scaling_placement": "output"}, mechanism="2"),
+    Variant("e8g1t2_tks", "E8G1T2, topK-then-softmax (exact, no factor)",
+            {"experts": {"expansion": 8, "granularity": 1, "top_k": 2}, "router": {"type": "topk_then_softmax"}},
+            mechanism="1"),
 ]
 
 
@@ -185,6 +195,14 @@ def run_variant(v: Variant, dense, train, val, opts: Options, out: Path, log) ->
     log(f"{v.name}: step 0 val {start_val:.4f}")
     t_train = 0.0
     for step in range(opts.steps):
+        if v.relax_at is not None and step == v.relax_at:
+            from upcycle.runtime import relax_routing
+
+            before = validate(model, val, opts.eval_seqs)
+            relax_routing(model)
+            after = validate(model, val, opts.eval_seqs)
+            rows.append({"step": step, "relaxed": True, "val_before_relax": before, "val_after_relax": after})
+            log(f"{v.name}: relaxed at step {step}: val {before:.4f} -> {after:.4f} with no training")
         t0 = time.perf_counter()
         lr = set_lr(opt, step, v, opts)
         opt.zero_grad(set_to_none=True)
@@ -194,7 +212,7 @@ def run_variant(v: Variant, dense, train, val, opts: Options, out: Path, log) ->
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         t_train += time.perf_counter() - t0
-        row = {"step": step + 1, "loss": float(loss), "lr": lr, **layer_means(read_router_stats(model))}
+        row = {"step": step + 1, "loss": float(loss.detach()), "lr": lr, **layer_means(read_router_stats(model))}
         if (step + 1) % opts.eval_every == 0 or step + 1 == opts.steps:
             row["val_loss"] = validate(model, val, opts.eval_seqs)
             log(f"{v.name}: step {step + 1} val {row['val_loss']:.4f} mass {row.get('combine_mass', 1.0):.3f} "
@@ -225,7 +243,7 @@ def report(out: Path) -> str:
     if not results:
         return "(no finished diagnostic runs)"
     any_run = next(iter(results.values()))
-    steps = [r["step"] for r in any_run["rows"] if "val_loss" in r]
+    steps = sorted({r["step"] for r in any_run["rows"] if "val_loss" in r})
     o = any_run["options"]
     lines = [f"{o['steps']} steps, AdamW {o['lr']:g} after {o['warmup']} warm-up steps then constant, "
              f"{o['batch']} x {o['seq_len']} tokens a step, validation on {o['eval_seqs']} x {o['seq_len']} tokens; "
