@@ -51,7 +51,7 @@ class Variant:
     spec: dict | None = None  # changes to BASE, section -> {key: value}; None: dense continued
     router_lr_mult: float = 1.0  # the router's LR relative to everything else
     router_frozen_steps: int = 0  # router LR 0 for the first steps (a router warm-up)
-    relax_at: int | None = None  # step from which per_slice routers route by plain top-K
+    relax_at: float | None = None  # fraction of the steps after which per_slice routers route by plain top-K
     mechanism: str = ""
 
 
@@ -80,7 +80,7 @@ VARIANTS = [
     Variant("qwen_init", "E8G8T8, Qwen init (copies shuffled, 50% re-initialised)",
             {"experts": {"shuffle": True, "drop_upcycling": 0.5}}, mechanism="5"),
     Variant("per_slice_relax50", "E8G8T8, per-slice, relaxed to top-K at step 50",
-            {"router": {"selection": "per_slice"}}, relax_at=50, mechanism="export"),
+            {"router": {"selection": "per_slice"}}, relax_at=5 / 6, mechanism="export"),
     Variant("e8g1t2", "E8G1T2 (factor 4 in down_proj)", {"experts": {"expansion": 8, "granularity": 1, "top_k": 2}},
             mechanism="baseline"),
     Variant("e8g1t2_output", "E8G1T2, factor as a fixed output multiplier",
@@ -194,8 +194,9 @@ def run_variant(v: Variant, dense, train, val, opts: Options, out: Path, log) ->
     rows = [{"step": 0, "val_loss": start_val}]
     log(f"{v.name}: step 0 val {start_val:.4f}")
     t_train = 0.0
+    relax_step = None if v.relax_at is None else round(v.relax_at * opts.steps)
     for step in range(opts.steps):
-        if v.relax_at is not None and step == v.relax_at:
+        if step == relax_step:
             from upcycle.runtime import relax_routing
 
             before = validate(model, val, opts.eval_seqs)
