@@ -42,9 +42,9 @@ def _node_inputs(node: fx.Node) -> list[fx.Node]:
 
 
 def _is_parameter_free_call(node: fx.Node, root: nn.Module) -> bool:
-    from .trace import _splat_call
+    from upcycle.runtime.rewritten_forward import splat_call
 
-    if node.op == "call_function" and node.target is _splat_call:
+    if node.op == "call_function" and node.target is splat_call:
         return False  # a call into an opaque (leaf) module
     if node.op in ("call_function", "call_method"):
         return True

@@ -22,7 +22,9 @@ import torch.nn as nn
 
 from .find_mlps import MLPMatch, find_mlps
 from .manager import Pass, PassContext, PassLog, PassPipeline
-from .trace import RootSignature, UpcycledForward, trace_unit
+from upcycle.runtime.rewritten_forward import RootSignature, UpcycledForward
+
+from .trace import trace_unit
 
 MakeMoE = Callable[[MLPMatch, nn.Module], nn.Module]
 

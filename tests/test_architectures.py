@@ -305,3 +305,30 @@ def test_untraceable_block_is_named_with_reason():
     assert "blocks.0" in disc.explain()
     with pytest.raises(ModelError, match="blocks.0: linears fc1, fc2 look like an MLP"):
         upcycle.compile_upcycle(model, EXACT_G1, example_inputs=(torch.randn(2, 8),))
+
+
+def _defined_in_passes(obj) -> bool:
+    mod = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", "")
+    return (mod or "").startswith(("upcycle.passes", "passes."))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "bert"])
+def test_trained_model_holds_nothing_from_passes(family):
+    """A trained MoE needs the runtime, never the tracer: no module, forward, hook or object the
+    generated forwards reference is defined in upcycle.passes (GPT-2/OPT/BERT get rewritten graphs)."""
+    import upcycle
+    from upcycle.runtime.rewritten_forward import UpcycledForward
+
+    model = upcycle.compile_upcycle(_build(HF_MODELS[family][0]), {"experts": {"expansion": 2, "granularity": 1, "top_k": 1},
+                                                    "verify": {"enabled": False}})
+    rewritten = 0
+    for name, m in model.named_modules():
+        assert not _defined_in_passes(m), name
+        fwd = m.__dict__.get("forward")
+        if isinstance(fwd, UpcycledForward):
+            rewritten += 1
+            assert not _defined_in_passes(fwd)
+            assert not [k for k, v in fwd._globals.items() if _defined_in_passes(v)], name
+        for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks):
+            assert not [h for h in hooks.values() if _defined_in_passes(h)], name
+    assert rewritten >= 1  # the families whose MLP is not one module get a rewritten forward
