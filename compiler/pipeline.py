@@ -31,7 +31,7 @@ from upcycle.passes.weight_mapping import (
     shared_expert_weights,
     virtual_group_ok,
 )
-from upcycle.runtime.moe import MoELayer
+from upcycle.runtime.moe import MoELayer, materialize
 from upcycle.runtime.token_mask import attach_token_mask
 from upcycle.specs import load_spec, validate_against_model
 from upcycle.specs.schema import UpcycleSpec
@@ -185,9 +185,7 @@ def moe_from_dense(dense: DenseMLPWeights, activation: str, spec: UpcycleSpec, s
     with torch.device("meta"):
         moe = MoELayer(cfg)
     if structure_only:
-        moe = moe.to_empty(device=dense.up.device).to(dense.up.dtype)
-        moe.init_runtime_buffers(dense.up.device)
-        return moe
+        return materialize(moe, dense.up.device, dense.up.dtype)
     g = torch.Generator().manual_seed(spec.seed * 100_003 + index)
     state = {f"experts.{k}": v for k, v in expert_weights(dense, spec, scale, g).items()}
     # the router stays fp32 whatever the model dtype (router.py: routing decisions in fp32)
@@ -196,9 +194,7 @@ def moe_from_dense(dense: DenseMLPWeights, activation: str, spec: UpcycleSpec, s
         state["router.expert_bias"] = torch.zeros(cfg.num_experts, dtype=torch.float32)
     if cfg.shared_d_ffn:
         state.update({f"shared_expert.{k}": v for k, v in shared_expert_weights(dense, spec).items()})
-    moe.load_state_dict(state, assign=True, strict=True)
-    moe.init_runtime_buffers(dense.up.device)
-    return moe.to(dense.up.device)
+    return materialize(moe, dense.up.device, state=state)
 
 
 class MoEBuilder:

@@ -60,9 +60,9 @@ def _update(layers: list) -> None:
 def update_expert_bias(model: nn.Module) -> int:
     """Apply the bias update to every bias-balanced MoE layer of `model` now (for loops that step
     no optimizer over the router). Returns the number of layers updated."""
-    from .moe import MoELayer
+    from .moe import moe_layers
 
-    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.config.uses_bias]
+    layers = [m for m in moe_layers(model).values() if m.config.uses_bias]
     if layers:
         _update(layers)
     return len(layers)

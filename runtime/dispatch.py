@@ -25,6 +25,21 @@ ExpertsFn = Callable[[GroupedExperts, torch.Tensor, torch.Tensor, torch.Tensor],
 _BACKENDS: dict[str, ExpertsFn] = {"reference": reference_forward}
 
 
+class LocalDispatcher:
+    """Where a layer's routed slots are computed: here, every expert on this process, so the
+    backend runs them on the tokens as they are. Expert parallelism installs another dispatcher
+    (expert_parallel.AllToAllDispatcher) with the same call; the layer does not know which."""
+
+    state = None  # parallel state (None: not sharded)
+
+    def __call__(self, layer, tokens: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                 run_experts: ExpertsFn) -> torch.Tensor:
+        return run_experts(layer.experts, tokens, indices, weights)  # [tokens, D]
+
+
+LOCAL = LocalDispatcher()
+
+
 def register_backend(name: str, fn: ExpertsFn) -> None:
     _BACKENDS[name] = fn
 

@@ -27,14 +27,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .moe import MoELayer, moe_layers
+
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated modules that hold MoE layers, in model order: the children of every
     ModuleList / Sequential that has an MoE layer below one of its children. With none (MoE
     layers directly in a custom model), the MoE layers themselves; in a model without MoE layers
     (a dense baseline), the items of its longest ModuleList."""
-    from .moe import MoELayer
-
     blocks: list[nn.Module] = []
     seen: set[int] = set()
     for container in model.modules():
@@ -49,7 +49,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     # keep the outermost blocks only (a ModuleList inside a block must not split it)
     blocks = [b for b in blocks if not any(b is not o and _contains(o, b) for o in blocks)]
     if not blocks:
-        blocks = [m for m in model.modules() if isinstance(m, MoELayer)]
+        blocks = list(moe_layers(model).values())
     if not blocks:  # a dense model (the baseline): the items of its longest ModuleList
         lists = [c for c in model.modules() if isinstance(c, nn.ModuleList) and len(c) > 1]
         blocks = list(max(lists, key=len)) if lists else []
@@ -129,9 +129,7 @@ def parallelize(
     ignored = None
     if ep_mesh is not None:
         from .expert_parallel import expert_params, shard_experts_
-        from .moe import MoELayer
-
-        for layer in [m for m in model.modules() if isinstance(m, MoELayer)]:
+        for layer in moe_layers(model).values():
             shard_experts_(layer, ep_mesh)
         ignored = set(expert_params(model))
         if mesh is not None and mesh.size() > 1:
@@ -142,8 +140,6 @@ def parallelize(
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    from .moe import MoELayer
-
     for block in blocks:
         if checkpointing:
             apply_checkpointing(block)
@@ -152,7 +148,7 @@ def parallelize(
         if mesh is not None:
             # routers keep fp32 parameters in compute too (router.py): their own small FSDP group
             fp32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=reduce_dtype)
-            for layer in [m for m in block.modules() if isinstance(m, MoELayer)]:
+            for layer in moe_layers(block).values():
                 fully_shard(layer.router, mesh=mesh, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
                         ignored_params=ignored)

@@ -66,7 +66,7 @@ def shard_experts_(layer: nn.Module, ep_mesh) -> EPState:
             if p is not None:
                 shard = DTensor.from_local(p[first:first + local].detach().clone(), ep_mesh, [Shard(0)], run_check=False)
                 setattr(experts, name, nn.Parameter(shard, requires_grad=p.requires_grad))
-    layer.ep = EPState(ep_mesh, group, rank, size, local, first)
+    layer.dispatcher = AllToAllDispatcher(EPState(ep_mesh, group, rank, size, local, first))
     return layer.ep
 
 
@@ -88,6 +88,16 @@ def _a2a(x: Tensor, out_splits: list, in_splits: list, group) -> Tensor:
 
     y = fc.all_to_all_single_autograd(x, out_splits, in_splits, group)
     return fc.wait_tensor(y)
+
+
+class AllToAllDispatcher:
+    """The layer's dispatcher once its experts are sharded: slots to their experts' ranks and back."""
+
+    def __init__(self, state: EPState):
+        self.state = state
+
+    def __call__(self, layer, tokens: Tensor, indices: Tensor, weights: Tensor, run_experts) -> Tensor:
+        return ep_forward(layer, tokens, indices, weights, run_experts)
 
 
 def ep_forward(layer: nn.Module, x: Tensor, indices: Tensor, weights: Tensor, run_experts) -> Tensor:
@@ -117,10 +127,10 @@ def ep_forward(layer: nn.Module, x: Tensor, indices: Tensor, weights: Tensor, ru
 
 def expert_params(model: nn.Module) -> list:
     """The expert-parallel (DTensor) parameters of every EP layer of `model`."""
-    from .moe import MoELayer
+    from .moe import moe_layers
 
-    return [p for m in model.modules() if isinstance(m, MoELayer) and m.ep is not None
+    return [p for m in moe_layers(model).values() if m.ep is not None
             for name in EXPERT_PARAMS if (p := getattr(m.experts, name)) is not None]
 
 
-__all__ = ["EPState", "shard_experts_", "ep_forward", "expert_params"]
+__all__ = ["EPState", "AllToAllDispatcher", "shard_experts_", "ep_forward", "expert_params"]

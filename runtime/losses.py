@@ -73,9 +73,9 @@ def attach_aux_loss(weights: Tensor, loss: Tensor, scale: Tensor) -> Tensor:
 
 
 def _moe_layers(model: nn.Module):
-    from .moe import MoELayer  # local: moe imports this module
+    from .moe import moe_layers  # local: moe imports this module
 
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
+    return moe_layers(model).values()
 
 
 def aux_loss(model: nn.Module) -> Tensor:

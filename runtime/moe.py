@@ -13,9 +13,8 @@ import torch.nn as nn
 
 from .activations import get_activation
 from .config import MoEConfig
-from .dispatch import resolve_backend
+from .dispatch import LOCAL, resolve_backend
 from .experts import GroupedExperts
-from .expert_parallel import ep_forward
 from .balancing import register_bias_layer
 from .capacity import capacity_keep
 from .losses import attach_aux_loss, load_balancing_loss, z_loss
@@ -59,13 +58,20 @@ class MoELayer(nn.Module):
         self.backend = config.backend
         self.token_mask = None  # [B, S] attention mask of the current model call (token_mask.py)
         self.track_stats = True  # telemetry buffers updated in training forwards (off: benchmarks)
-        self.ep = None  # expert-parallel state (expert_parallel.py) when experts are sharded over ranks
+        self.dispatcher = LOCAL  # where the routed slots are computed (expert_parallel.py installs all-to-all)
         self.init_runtime_buffers()
         if config.uses_bias:
             register_bias_layer(self)
 
+    @property
+    def ep(self):
+        """The expert-parallel state (expert_parallel.EPState) when experts are sharded, else None."""
+        return self.dispatcher.state
+
     def __setstate__(self, state):
         """Unpickled and deep-copied layers join the bias-balancing registry too."""
+        state.pop("ep", None)  # layers pickled before dispatchers existed
+        state.setdefault("dispatcher", LOCAL)
         super().__setstate__(state)
         if self.config.uses_bias:
             register_bias_layer(self)
@@ -118,10 +124,7 @@ class MoELayer(nn.Module):
         if cfg.output_multiplier != 1.0:  # scaling_placement "output": a on the combine weights, [tokens, K]
             weights = weights * cfg.output_multiplier
         run_experts = resolve_backend(self.backend, tokens.device)
-        if self.ep is not None:
-            out = ep_forward(self, tokens, route.indices, weights, run_experts)  # [tokens, D]
-        else:
-            out = run_experts(self.experts, tokens, route.indices, weights)  # [tokens, D]
+        out = self.dispatcher(self, tokens, route.indices, weights, run_experts)  # [tokens, D]
         if self.shared_expert is not None:
             out = out + self.config.shared_scale * self.shared_expert(tokens)
         return out.reshape(shape)
@@ -130,6 +133,21 @@ class MoELayer(nn.Module):
         c = self.config
         extra = f", capacity_factor={c.capacity_factor}" if c.capacity_factor is not None else ""
         return f"backend={self.backend}, shared_d_ffn={c.shared_d_ffn}, balancing={c.balancing}{extra}"
+
+
+def materialize(layer: MoELayer, device, dtype: torch.dtype | None = None, state: dict | None = None) -> MoELayer:
+    """The one way a layer built on the meta device becomes real. With `state` (its full state
+    dict) the tensors are taken as they are (assign: no copy, their dtypes kept: experts in the
+    model's dtype, the router fp32); without, storage is allocated uninitialised on `device` in
+    `dtype` (to be loaded from a checkpoint). Either way the training buffers start zeroed."""
+    if state is None:
+        layer = layer.to_empty(device=device)
+        if dtype is not None:
+            layer = layer.to(dtype)  # the router and the statistics stay fp32 (their _apply)
+    else:
+        layer.load_state_dict(state, assign=True, strict=True)
+    layer.init_runtime_buffers(torch.device(device) if device is not None else None)
+    return layer.to(device)
 
 
 def moe_layers(model: nn.Module) -> dict:
@@ -160,4 +178,4 @@ def build_moe(config: MoEConfig, device: torch.device | str | None = None, dtype
     return MoELayer(config).to(device=device, dtype=dtype)
 
 
-__all__ = ["MoELayer", "SharedExpert", "build_moe", "moe_layers", "relax_routing"]
+__all__ = ["MoELayer", "SharedExpert", "build_moe", "materialize", "moe_layers", "relax_routing"]

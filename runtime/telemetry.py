@@ -118,12 +118,6 @@ class RouterStats:
         return d
 
 
-def _moe_layers(model: nn.Module) -> dict:
-    from .moe import MoELayer
-
-    return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
-
-
 def _all_reduce_(tensors: list) -> None:
     """Sum the tensors over the default process group, when one is up (one collective)."""
     import torch.distributed as dist
@@ -141,7 +135,9 @@ def _all_reduce_(tensors: list) -> None:
 @torch.no_grad()
 def read_router_stats(model: nn.Module, reset: bool = True, all_reduce: bool = True) -> dict:
     """{layer path: RouterStats} since the last read; resets the accumulators unless reset=False."""
-    layers = _moe_layers(model)
+    from .moe import moe_layers  # local: moe imports this module
+
+    layers = moe_layers(model)
     if all_reduce:
         _all_reduce_([t for m in layers.values() for t in (m.stat_load, m.stat_scalars)])
     out = {}

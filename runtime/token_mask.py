@@ -44,7 +44,7 @@ class _MaskHook:
 
 def attach_token_mask(model: nn.Module) -> bool:
     """Install the hook on `model` if its forward takes `attention_mask`. Returns whether it did."""
-    from .moe import MoELayer
+    from .moe import moe_layers
 
     try:
         params = list(inspect.signature(model.forward).parameters)
@@ -54,7 +54,7 @@ def attach_token_mask(model: nn.Module) -> bool:
         return False
     if any(isinstance(h, _MaskHook) for h in _hook_owners(model)):
         return True
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    layers = list(moe_layers(model).values())
     if not layers:
         return False
     hook = _MaskHook(layers, params.index("attention_mask"))
