@@ -80,3 +80,33 @@ def test_two_processes_match_accumulation_and_export(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
     assert export_main([str(tmp_path / "nothing"), "-o", str(tmp_path / "x")]) == 2
+
+
+def test_per_slice_run_relaxes_and_exports_to_transformers_exactly(tmp_path):
+    """A model trained with per_slice routing ends its run on plain top-K (--relax-routing-at, 0.9 by
+    default; 0.5 here), so its last checkpoint exports to a transformers format, equal to what was
+    trained; a checkpoint taken before the switch is refused for --format hf (it routes per slice)."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("experts: {expansion: 2, granularity: 2, top_k: 2}\nrouter: {selection: per_slice}\n")
+    run = tmp_path / "run"
+    out = _train(run, "--spec", str(spec), "--relax-routing-at", "0.5", "--keep", "3")
+    assert "step 4: per_slice routing relaxed to plain top-K for the last 4 steps" in out
+    assert json.loads((run / "run.json").read_text())["relax_routing_step"] == 4
+    router = [json.loads(ln) for ln in (run / "router.jsonl").read_text().splitlines()]
+    complete = [min(s["complete_mlp_fraction"] for s in r["layers"].values()) for r in router]
+    assert complete[:4] == [1.0] * 4  # per_slice: every token gets complete MLPs until the switch
+
+    import upcycle
+    from upcycle.compiler.export_run import main as export_main
+    from transformers import AutoModelForCausalLM
+
+    assert export_main([str(run), "-o", str(tmp_path / "native")]) == 0
+    native = upcycle.load(tmp_path / "native").eval()
+    assert all(m.router.selection == "topk" for m in upcycle.runtime.moe_layers(native).values())
+    assert export_main([str(run), "-o", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, native(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    # step 4's checkpoint predates the switch: a trained per-slice model has no transformers format
+    assert export_main([str(run), "-o", str(tmp_path / "hf4"), "--format", "hf", "--step", "4"]) == 2
