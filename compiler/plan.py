@@ -72,7 +72,7 @@ def moe_config_for(entry_gated: bool, activation: str, d_model: int, d_ffn: int,
         bias_update_rate=spec.router.bias_update_rate,
         capacity_factor=spec.runtime.capacity_factor,
         virtual_group_size=spec.experts.routed_granularity,
-        selection=spec.router.selection,
+        selection=spec.selection,
         scale_factor=scale.factor,
         output_multiplier=scale.output,
     )
@@ -129,7 +129,7 @@ def render_plan(plan: Plan, spec: UpcycleSpec, explain: bool = False) -> str:
     ex = spec.experts
     lines = [
         f"upcycle plan for {plan.model_class}: E{ex.expansion}G{ex.granularity}T{ex.top_k}, "
-        f"router {spec.router.type} ({spec.router.init} init, std {spec.router.init_std}), "
+        f"router {spec.router.type}, {spec.selection} selection ({spec.router.init} init, std {spec.router.init_std}), "
         f"weight_scaling {spec.weight_scaling}, placement {spec.scaling_placement}",
         "",
     ]

@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 BASE = {"experts": {"expansion": 8, "granularity": 8, "top_k": 8},
-        "router": {"type": "softmax_then_topk", "init": "virtual_group", "init_std": 0.02, "aux_loss_coef": 0.01},
+        "router": {"type": "softmax_then_topk", "selection": "topk", "init": "virtual_group", "init_std": 0.02,
+                   "aux_loss_coef": 0.01},
         "weight_scaling": "auto", "verify": {"enabled": False}}
 
 

@@ -86,7 +86,9 @@ SETTINGS = {
 SETTINGS["fresh"] = replace(SETTINGS["full"], name="fresh", corpus="mixed", eval_seqs=512)
 
 RECIPE = {"experts": {"expansion": 8, "granularity": 8, "top_k": 8},
-          "router": {"type": "softmax_then_topk", "init": "virtual_group", "init_std": 0.02, "aux_loss_coef": 0.01},
+          # selection pinned to topk: these runs predate the per_slice default (the per_slice variant sets it)
+          "router": {"type": "softmax_then_topk", "selection": "topk", "init": "virtual_group", "init_std": 0.02,
+                     "aux_loss_coef": 0.01},
           "weight_scaling": "auto"}
 
 

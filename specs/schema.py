@@ -9,8 +9,9 @@ from typing import Literal, Optional, Union
 RouterType = Literal["softmax_then_topk", "topk_then_softmax"]
 RouterInit = Literal["virtual_group", "random", "kmeans"]
 # topk: the K best experts overall; per_slice: for each of the G shard positions the T/G best copies,
-# so every token always gets complete MLPs (runtime/router.py: per_slice_topk)
-RouterSelection = Literal["topk", "per_slice"]
+# so every token always gets complete MLPs (runtime/router.py: per_slice_topk); auto: per_slice where
+# it applies (G - S > 1 and top_k a multiple of it), else topk (docs/algorithm.md §4)
+RouterSelection = Literal["auto", "topk", "per_slice"]
 # auto: exact where the activation allows (split for ReLU-like, else down_proj); output: the
 # factor as a fixed multiplier on the layer's routed output, the expert weights left at dense scale
 ScalingPlacement = Literal["auto", "balanced", "down_proj", "output"]
@@ -41,7 +42,7 @@ class ExpertsSpec:
 @dataclass(frozen=True)
 class RouterSpec:
     type: RouterType = "softmax_then_topk"
-    selection: RouterSelection = "topk"
+    selection: RouterSelection = "auto"
     init: RouterInit = "virtual_group"
     # 0.02, not 1e-3, though 1e-3 starts closer to dense (SmolLM2 E8G8T8: 1.00x the dense perplexity,
     # 0.02: 1.10x): with 1e-3 the groups' logits are so close that the first optimizer step reorders
@@ -116,6 +117,17 @@ class UpcycleSpec:
     # Dotted field path -> 1-based YAML line, filled by `specs.loader` so later checks against the
     # model (e.g. granularity vs d_ffn) can point at the spec line. Not part of the spec's value.
     lines: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def selection(self) -> str:
+        """The router selection this spec gets: `auto` resolved. per_slice wherever virtual groups
+        can be complete MLPs (G − S > 1 shards and top_k a multiple of them): with plain top-K the
+        G router rows of a group part in training and tokens stop getting whole copies (SmolLM2
+        E8G8T8: val loss up while dense went down; experiments/results/REPORT.md, issue 20)."""
+        if self.router.selection != "auto":
+            return self.router.selection
+        g = self.experts.routed_granularity
+        return "per_slice" if g > 1 and self.experts.top_k % g == 0 else "topk"
 
     def to_dict(self) -> dict:
         """The resolved spec as plain YAML-able data (what gets written next to the output)."""

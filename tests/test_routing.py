@@ -91,8 +91,9 @@ def test_per_slice_equals_topk_at_virtual_group_init():
     """Same init, same output: the selections agree while the group rows are tied."""
     w = dense(f=24)
     x = torch.randn(40, w.d_model)
-    a = _moe_from(w, _spec(), "silu")
+    a = _moe_from(w, _spec(selection="topk"), "silu")
     b = _moe_from(w, _spec(selection="per_slice"), "silu")
+    assert (a.router.selection, b.router.selection) == ("topk", "per_slice")
     with torch.no_grad():
         torch.testing.assert_close(b(x), a(x), atol=1e-6, rtol=1e-6)
 
@@ -124,6 +125,7 @@ def test_output_multiplier_placement_same_function_dense_scale_weights():
     w = dense(f=24, bias=True)
     x = torch.randn(40, w.d_model)
     on_down = _untied(_moe_from(w, _spec(), "silu"))
+    assert on_down.router.selection == "per_slice"  # auto, E4G4T4
     as_output = _untied(_moe_from(w, load_spec({**_spec().to_dict(), "scaling_placement": "output"}), "silu"))
     assert as_output.config.output_multiplier == 16.0 and on_down.config.output_multiplier == 1.0
     assert on_down.config.scale_factor == as_output.config.scale_factor == 16.0
@@ -197,6 +199,19 @@ def test_relax_routing_switches_layers_and_saved_spec(tiny_llama, tmp_path):
     ids = torch.randint(3, 96, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("experts,selection", [
+    ({"expansion": 8, "granularity": 8, "top_k": 8}, "per_slice"),
+    ({"expansion": 8, "granularity": 8, "top_k": 16}, "per_slice"),
+    ({"expansion": 8, "granularity": 8, "top_k": 4}, "topk"),  # no complete MLP fits in 4 shards
+    ({"expansion": 8, "granularity": 1, "top_k": 2}, "topk"),  # G = 1: the same thing
+    ({"expansion": 4, "granularity": 4, "top_k": 3, "shared_experts": 1}, "per_slice"),  # G - S = 3
+])
+def test_auto_selection_is_per_slice_where_groups_can_be_complete(experts, selection):
+    spec = load_spec({"experts": experts})
+    assert spec.router.selection == "auto" and spec.selection == selection
+    assert load_spec({"experts": experts, "router": {"selection": "topk"}}).selection == "topk"
 
 
 def test_per_slice_needs_top_k_multiple_of_granularity():
