@@ -89,6 +89,12 @@ VARIANTS = [
     Variant("e8g1t2_tks", "E8G1T2, topK-then-softmax (exact, no factor)",
             {"experts": {"expansion": 8, "granularity": 1, "top_k": 2}, "router": {"type": "topk_then_softmax"}},
             mechanism="1"),
+    # the start: std 0.02 puts E8G8T8 at 1.11x and E8G1T2 at 1.06x the dense perplexity; with per_slice
+    # selection a near-uniform router (std 1e-3) no longer lets groups collapse onto one copy
+    Variant("per_slice_std1e-3", "E8G8T8, per-slice, router std 1e-3 (near-exact start)",
+            {"router": {"selection": "per_slice", "init_std": 1e-3}}, mechanism="start"),
+    Variant("e8g1t2_std1e-3", "E8G1T2, router std 1e-3 (near-exact start)",
+            {"experts": {"expansion": 8, "granularity": 1, "top_k": 2}, "router": {"init_std": 1e-3}}, mechanism="start"),
 ]
 
 
