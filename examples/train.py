@@ -365,8 +365,13 @@ def main(argv=None) -> int:
             tokens_seen += step_tokens
             t_train += dt
         imbalance = max((s.max_over_mean_load for s in stats.values()), default=0.0)
+        mass = [s.combine_mass for s in stats.values()]
         record = {"step": step + 1, "loss": loss_sum / d.world, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": step_tokens / dt, "max_over_mean_load": imbalance}
+        if stats:  # the output scale relative to the dense MLP, and how many tokens get complete MLPs
+            record["combine_mass_mean"] = sum(mass) / len(mass)
+            record["combine_mass_max"] = max(mass)
+            record["complete_mlp_fraction"] = min(s.complete_mlp_fraction for s in stats.values())
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             val_loss = validate(model, val, args, d)
             record["val_loss"] = val_loss
@@ -379,7 +384,9 @@ def main(argv=None) -> int:
             bar.update(1)
             if (step + 1) % args.log_every == 0 and bar.disable:
                 print(f"step {step + 1}/{args.steps} loss {record['loss']:.4f} lr {lr:.2e} "
-                      f"grad {grad_norm:.2f} tok/s {record['tokens_per_s']:.0f} load max/mean {imbalance:.2f}", flush=True)
+                      f"grad {grad_norm:.2f} tok/s {record['tokens_per_s']:.0f} load max/mean {imbalance:.2f}"
+                      + (f" mass {record['combine_mass_mean']:.3f} complete {record['complete_mlp_fraction']:.3f}"
+                         if stats else ""), flush=True)
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
             save_training_checkpoint(run / "checkpoints" / f"step-{step + 1:06d}", model, opt, scheduler=sched,
                                      step=step + 1, data_position=(step + 1) * args.batch)
