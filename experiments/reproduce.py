@@ -437,7 +437,8 @@ def part_b(out: Path, log, quick: bool, only: list | None = None) -> None:
         run = out / "smollm2" / name
         if (run / "summary.json").is_file():
             continue
-        cmd = [sys.executable, str(ROOT / "examples" / "train.py"), "--run-dir", str(run), *args, "--resume"]
+        cmd = [sys.executable, str(ROOT / "examples" / "train.py"), "--run-dir", str(run), *args, "--resume",
+               "--threads", str(torch.get_num_threads())]
         cmd += ["--dense"] if spec is None else ["--spec", spec]
         log("$ " + " ".join(cmd[1:]))
         env = dict(os.environ)
