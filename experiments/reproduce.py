@@ -130,6 +130,10 @@ VARIANTS = [
     Variant("recipe_constant_lr", _spec(), "E8G8T8 at the final pre-training LR, no reset", "one", constant_lr=True),
     # issue 20: complete-MLP routing (every token gets each shard position once, from any copy)
     Variant("per_slice", _spec(router__selection="per_slice"), "E8G8T8 per-slice selection"),
+    Variant("per_slice_tks", _spec(router__selection="per_slice", router__type="topk_then_softmax"),
+            "E8G8T8 per-slice, topK-then-softmax"),
+    Variant("e8g1t2_tks", _spec(experts={"expansion": 8, "granularity": 1, "top_k": 2}, router__type="topk_then_softmax"),
+            "E8G1T2 topK-then-softmax"),
 ]
 
 
@@ -423,7 +427,10 @@ PART_B = {"dense": None, "recipe": str(SPECS / "e8g8t8-std1e-3.yaml"), "e8g1t2":
           # the router type part A favoured over five seeds, checked on the real model before a default changes
           "topk_then_softmax": str(SPECS / "e8g8t8-topk-then-softmax.yaml"),
           # issue 20: complete-MLP routing, relaxed to top-K for the last 10% of steps (train.py's default)
-          "e8g8t8_per_slice": str(SPECS / "e8g8t8-per-slice.yaml")}
+          "e8g8t8_per_slice": str(SPECS / "e8g8t8-per-slice.yaml"),
+          # per_slice with topK-then-softmax: exact start and no drift of the output scale
+          "e8g8t8_per_slice_tks": str(SPECS / "e8g8t8-per-slice-tks.yaml"),
+          "e8g1t2_tks": str(SPECS / "e8g1t2-tks.yaml")}
 
 
 def part_b(out: Path, log, quick: bool, only: list | None = None) -> None:
