@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from upcycle.passes.rewrite import RewriteRecord
 from upcycle.passes.verify import LayerCheck
+from upcycle.runtime.routers import router_type
 from upcycle.specs.schema import UpcycleSpec
 
 from .plan import Plan, render_plan
@@ -70,16 +71,8 @@ class Report:
         if any_exact:
             out.append("    must be exact: this spec reproduces the dense MLP exactly at init (topk_then_softmax, "
                        "top_k = granularity, virtual-group router); 'FAILED' would be a bug")
-        elif router == "softmax_then_topk":
-            out.append(f"    expected here: softmax_then_topk keeps only the top {ex['top_k']} of the experts' softmax "
-                       "weights, so the MoE equals the dense MLP only as far as the router is uniform: a rel err "
-                       "of 0.1-1 per layer is normal with the default init_std (0.02; near 0 with 1e-3, which trains worse), "
-                       "and without scaling the output is a fraction of the "
-                       "dense one (rel err near 1). What matters is the whole-model error and probe loss below, "
-                       "and continued training recovers the rest (the paper's recipe)")
-        else:
-            out.append("    expected here: this spec does not reproduce the dense MLP exactly (see the README's "
-                       "'which specs are exact'); the whole-model numbers below say how far the model moved")
+        else:  # the router type's own words (runtime/routers/)
+            out.append(f"    expected here: {router_type(router).expected.format(top_k=ex['top_k'])}")
         if self.probe.startswith("synthetic"):
             out.append("    probe: random unit-RMS vectors, not real hidden states, so errors read larger than on text")
         return out

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .activations import get_activation
 from .config import MoEConfig
-from .dispatch import resolve_backend
+from .backends import resolve_backend
 from .experts import GroupedExperts
 from .expert_parallel import ep_forward
 from .balancing import register_bias_layer

@@ -330,7 +330,7 @@ def test_bad_layer_forms(tmp_path, text, field, line, fragment):
 def test_section_must_be_mapping(tmp_path):
     err = error_of(tmp_path, "seed: 0\nrouter: softmax_then_topk\n")
     assert (err.field, err.line) == ("router", 2)
-    assert_one_line(err, "must be a mapping", "type, init, init_std")
+    assert_one_line(err, "must be a mapping", "type, selection, init, init_std")
 
 
 def test_dict_errors_have_field_but_no_line():
