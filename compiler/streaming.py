@@ -19,8 +19,8 @@
 from __future__ import annotations
 
 import contextlib
-
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -195,7 +195,7 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
                    dtype: torch.dtype | None = None) -> StreamResult:
     """Upcycle a safetensors checkpoint on disk into `out_dir` without loading it (see module doc).
 
-    fmt "hf": write a Mixtral / Qwen2-MoE checkpoint instead (`export_hf`'s names, layout and
+    fmt "hf": write a transformers MoE checkpoint instead (compiler/targets/; `target` names one) (`export_hf`'s names, layout and
     order, through the same writer: the same bytes as the in-memory export of the same model).
     dtype: cast every floating tensor to it on write (native routers stay fp32), None: as the source."""
     t0 = time.perf_counter()
@@ -238,7 +238,7 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
         outputs = [_cast_plan(t, dtype, keep_fp32=hf is None) for t in outputs]
         (hf.config if hf is not None else mp.config).dtype = dtype
     out_names = [t.name for t in outputs]
-    tensors = tensor_accounting(list(mp.infos), mp.records, out_names,
+    tensors = tensor_accounting(list(mp.infos), hf.records(mp.records) if hf is not None else mp.records, out_names,
                                 aliases={**{k: v for k, v in aliases.items()}, **dropped_alias}, where=str(src))
 
     builder = MoEBuilder(spec, mp.discovery, None, _NullProgress(), structure_only=False)
@@ -311,20 +311,26 @@ class _HFPlan:
     """The transformers-format output of a streamed conversion: target, config, per-layer names."""
 
     def __init__(self, mp: MetaPlan, spec, target):
-        from .export_hf import _config, _layers, hf_export_plan, plan_dtype
+        from .export_hf import _layers, hf_config, hf_export_plan, plan_dtype
 
         self.plan = hf_export_plan(mp.model, spec, target)
-        self.config = _config(mp.model, self.plan, spec)
+        self.config = hf_config(mp.model, self.plan)
         self.dtype = plan_dtype(mp.model)
         self.layers = _layers(mp.model)
         self.mlp_of = {rec.moe_path: rec.mlp_path for rec in mp.records}  # moe module path -> MLP key
 
     def layer(self, i: int, state: dict) -> dict:
-        from .export_hf import hf_layer_tensors
-
         moe = self.layers[i].mlp
-        return hf_layer_tensors(state, moe.config, self.plan["target"], f"model.layers.{i}.mlp.", self.dtype,
-                                concat=False)
+        return self.plan.target.layer_tensors(state, moe.config, i, self.dtype, concat=False)
+
+    def records(self, records: list) -> list:
+        """The rewrite records with each MoE path where the target puts the block (GraniteMoe:
+        block_sparse_moe), so the accounting finds the tensors each dense MLP became."""
+        out = []
+        for rec in records:
+            i = next((j for j in self.plan.moe_layers if rec.moe_path == f"model.layers.{j}.mlp"), None)
+            out.append(rec if i is None else dataclasses.replace(rec, moe_path=self.plan.target.moe_prefix(i)[:-1]))
+        return out
 
     def order(self, native: list[OutTensor]) -> list:
         from .export_hf import hf_tensor_order
@@ -336,7 +342,8 @@ class _HFPlan:
         outs = []
         for name, i in self.order(native):
             if i is None:
-                outs.append(by_name[name])
+                t = by_name[name]
+                outs.append(OutTensor(self.plan.target.rename(name), t.dtype, t.shape))
             else:  # shapes and dtypes from the meta layer, through the same mapping
                 for n, t in self.layer(i, self.layers[i].mlp.state_dict()).items():
                     outs.append(OutTensor(n, t.dtype, tuple(t.shape)))
@@ -350,7 +357,7 @@ def _hf_plan(mp: MetaPlan, spec, target) -> _HFPlan:
 
 def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, tensors, moe_state, reader, bar,
               builder, max_shard_bytes: int, force: bool, t0: float) -> StreamResult:
-    from .export_hf import write_hf_folder
+    from .export_hf import export_record, write_hf_folder
 
     dtypes = {t.name: t.dtype for t in outputs}
 
@@ -359,7 +366,8 @@ def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, te
             if i is None:
                 value = reader.get(name)
                 bar.update(1)
-                yield name, value.to(dtypes[name])
+                out_name = hf.plan.target.rename(name)
+                yield out_name, value.to(dtypes[out_name])
             else:
                 layer = hf.layer(i, moe_state(hf.mlp_of[f"model.layers.{i}.mlp"]))
                 for n in list(layer):  # popped as written: a layer's tensors are freed one by one
@@ -373,7 +381,7 @@ def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, te
             files = write_hf_folder(tmp, hf.config, values(), outputs, max_shard_bytes, spec=spec,
                                     source_class=type(mp.model).__name__,
                                     carried=tokenizer_files(src if src.is_dir() else src.parent),
-                                    extra={"streaming": True, "tensors": tensors,
+                                    extra={**export_record(hf.plan), "streaming": True, "tensors": tensors,
                                            "verification": VERIFICATION if spec.verify.enabled else "disabled"})
         finally:
             reader.close()
