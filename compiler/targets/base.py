@@ -193,12 +193,14 @@ class Target:
             # scaling_placement "output": the fixed multiplier folds into the down projections
             prefix + "experts.down_proj": down * c.output_multiplier if c.output_multiplier != 1.0 else down,  # [N, D, H]
         }
+        layer = f"model.layers.{i}."
         for name, value in self.extra_tensors(state, c).items():
-            out[prefix + name] = value
+            out[layer + name] = value
         return {k: v.detach().to(dtype) for k, v in out.items()}
 
     def extra_tensors(self, state: dict, c: MoEConfig) -> dict:
-        """Shared expert, routing bias, ... (local names inside the block)."""
+        """Shared expert, routing bias, ... (names inside the decoder layer: `mlp.shared_expert...`;
+        GraniteMoeShared keeps its shared MLP beside the block)."""
         return {}
 
 

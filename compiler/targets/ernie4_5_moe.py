@@ -30,7 +30,7 @@ class Ernie45Moe(Target):
     trained_bias = True
     exactness = ("exact for topk_then_softmax (its only router); shared experts; a trained aux-loss-free bias "
                  "held in `moe_statics`; MoE layers as start/end/interval")
-    order = 0
+    order = 6
 
     def source_problem(self, src, plan: ExportPlan):
         if plan.moe.shared_d_ffn % plan.moe.d_expert:
@@ -51,12 +51,12 @@ class Ernie45Moe(Target):
     def extra_tensors(self, state, c):
         w = state["router.weight"]
         bias = state.get("router.expert_bias")
-        out = {"gate.moe_statics.e_score_correction_bias": (bias if bias is not None else w.new_zeros(c.num_experts))[None]}  # [1, N]
+        out = {"mlp.gate.moe_statics.e_score_correction_bias": (bias if bias is not None else w.new_zeros(c.num_experts))[None]}  # [1, N]
         if c.shared_d_ffn:
             down = state["shared_expert.down_proj.weight"]
-            out.update({"shared_experts.gate_proj.weight": state["shared_expert.gate_proj.weight"],
-                        "shared_experts.up_proj.weight": state["shared_expert.up_proj.weight"],
-                        "shared_experts.down_proj.weight": down * c.shared_scale if c.shared_scale != 1.0 else down})
+            out.update({"mlp.shared_experts.gate_proj.weight": state["shared_expert.gate_proj.weight"],
+                        "mlp.shared_experts.up_proj.weight": state["shared_expert.up_proj.weight"],
+                        "mlp.shared_experts.down_proj.weight": down * c.shared_scale if c.shared_scale != 1.0 else down})
         return out
 
 

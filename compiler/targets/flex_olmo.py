@@ -14,7 +14,7 @@ class FlexOlmo(Target):
     sources = ("olmo2",)
     router_modes = {"softmax_then_topk": {"norm_topk_prob": False}, "topk_then_softmax": {"norm_topk_prob": True}}
     exactness = "exact in both router modes (`norm_topk_prob`); OLMo 2's q/k norms and post-norms carried"
-    order = 0
+    order = 3
 
     def config_kwargs(self, src, plan):
         c = plan.moe

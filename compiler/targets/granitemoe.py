@@ -18,7 +18,7 @@ class GraniteMoe(Target):
     block = "block_sparse_moe"
     router_name = "router.weight"
     exactness = "exact for topk_then_softmax (its only router); Granite's four multipliers carried"
-    order = 0
+    order = 4
 
     def config_kwargs(self, src, plan):
         c = plan.moe

@@ -14,7 +14,7 @@ class GraniteMoeShared(GraniteMoe):
     config_class = "GraniteMoeSharedConfig"
     shared_expert = True
     exactness = "exact for topk_then_softmax; multipliers carried; shared expert added as is (`shared_mlp`)"
-    order = 1
+    order = 5
 
     def config_kwargs(self, src, plan):
         return {**super().config_kwargs(src, plan), "shared_intermediate_size": plan.moe.shared_d_ffn}
@@ -24,7 +24,7 @@ class GraniteMoeShared(GraniteMoe):
             return {}
         gate_up = torch.cat([state["shared_expert.gate_proj.weight"], state["shared_expert.up_proj.weight"]])  # [2·Hs, D]
         down = state["shared_expert.down_proj.weight"]  # [D, Hs]
-        return {"shared_mlp.input_linear.weight": gate_up,
+        return {"shared_mlp.input_linear.weight": gate_up,  # beside block_sparse_moe, in the decoder layer
                 "shared_mlp.output_linear.weight": down * c.shared_scale if c.shared_scale != 1.0 else down}
 
 

@@ -49,14 +49,14 @@ class Qwen2Moe(Target):
         d = c.d_model
         if c.shared_d_ffn:
             # sigmoid(0) = 1/2 gates it in transformers: double W2 so the product is shared_scale · W2
-            out = {"shared_expert.gate_proj.weight": state["shared_expert.gate_proj.weight"],
-                   "shared_expert.up_proj.weight": state["shared_expert.up_proj.weight"],
-                   "shared_expert.down_proj.weight": state["shared_expert.down_proj.weight"] * (2.0 * c.shared_scale)}
+            out = {"mlp.shared_expert.gate_proj.weight": state["shared_expert.gate_proj.weight"],
+                   "mlp.shared_expert.up_proj.weight": state["shared_expert.up_proj.weight"],
+                   "mlp.shared_expert.down_proj.weight": state["shared_expert.down_proj.weight"] * (2.0 * c.shared_scale)}
         else:  # no shared expert: width 1, all zeros (output exactly 0, gradients 0: it stays 0)
-            out = {"shared_expert.gate_proj.weight": w.new_zeros(1, d),
-                   "shared_expert.up_proj.weight": w.new_zeros(1, d),
-                   "shared_expert.down_proj.weight": w.new_zeros(d, 1)}
-        out["shared_expert_gate.weight"] = w.new_zeros(1, d)
+            out = {"mlp.shared_expert.gate_proj.weight": w.new_zeros(1, d),
+                   "mlp.shared_expert.up_proj.weight": w.new_zeros(1, d),
+                   "mlp.shared_expert.down_proj.weight": w.new_zeros(d, 1)}
+        out["mlp.shared_expert_gate.weight"] = w.new_zeros(1, d)
         return out
 
 

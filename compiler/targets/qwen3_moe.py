@@ -15,7 +15,7 @@ class Qwen3Moe(Target):
     router_modes = {"softmax_then_topk": {"norm_topk_prob": False}, "topk_then_softmax": {"norm_topk_prob": True}}
     dense_layers = True
     exactness = "exact in both router modes (`norm_topk_prob`); q/k norms carried; dense layers via `mlp_only_layers`"
-    order = 0
+    order = 2
 
     def source_problem(self, src, plan):
         window, types = sliding_layers(src)
