@@ -249,7 +249,7 @@ def export_hf(model: nn.Module, out_dir, *, spec=None, report=None, force: bool 
 def export_record(plan: ExportPlan) -> dict:
     """What upcycle_export.json says about the format chosen (from the target's entry)."""
     t = plan.target
-    return {"target": t.name, "exactness": t.exactness, "router_type": plan.moe.router_type,
+    return {"target": t.name, "exactness": t.exactness, "router_type": plan.moe.router_type, "router_loss": t.router_loss,
             "moe_layers": plan.moe_layers, "dense_layers": plan.dense_layers, "fitting_targets": plan.candidates}
 
 

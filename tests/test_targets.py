@@ -48,6 +48,8 @@ def source(family: str, layers: int = 4):
                                                    residual_multiplier=0.5, attention_multiplier=0.2))
     elif family == "ernie4_5":
         m = tf.Ernie4_5ForCausalLM(tf.Ernie4_5Config(**kw, head_dim=16, tie_word_embeddings=True))
+    elif family == "cohere2":  # sliding windows on 3 of every 4 layers, logit scale away from 1
+        m = tf.Cohere2ForCausalLM(tf.Cohere2Config(**kw, sliding_window=4, logit_scale=0.5))
     else:
         raise KeyError(family)
     _perturb_norms(m)
@@ -76,6 +78,8 @@ CASES = {
     "ernie4_5_moe": [("coarse", "ernie4_5", spec(4, 1, 2, "topk_then_softmax"), True),
                      ("shared", "ernie4_5", spec(2, 4, 2, "topk_then_softmax", experts={"shared_experts": 2}), True),
                      ("every-other", "ernie4_5", spec(4, 2, 2, "topk_then_softmax", layers={"every": 2, "offset": 1}), True)],
+    "cohere2_moe": [("coarse", "cohere2", spec(4, 1, 2, "topk_then_softmax"), True),
+                    ("shared", "cohere2", spec(2, 4, 2, "topk_then_softmax", experts={"shared_experts": 2}), True)],
 }
 PARAMS = [(target, *case) for target, cases in CASES.items() for case in cases]
 
@@ -135,7 +139,7 @@ def test_target_round_trip(tmp_path, target, case, family, sp, exact):
 
 
 @pytest.mark.parametrize("family,target", [("qwen3", "qwen3_moe"), ("olmo2", "flex_olmo"), ("granite", "granitemoe"),
-                                           ("ernie4_5", "ernie4_5_moe")])
+                                           ("granite", "granitemoeshared"), ("ernie4_5", "ernie4_5_moe")])
 def test_router_pressure_matches_ours(tmp_path, family, target):
     """One MoE layer: a training step's router gradient is the same in the export as in ours, and
     without the coefficient it is not (the balancing part is really there)."""
@@ -150,19 +154,45 @@ def test_router_pressure_matches_ours(tmp_path, family, target):
     layer = moe.model.layers[0].mlp
     with torch.no_grad():  # an uneven router, so the balancing gradient is not ~0
         layer.router.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
-    out = export_hf(moe, tmp_path / "hf", spec=sp)
+    out = export_hf(moe, tmp_path / "hf", spec=sp, target=target)
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).train()
     ids = _ids()
     moe.train()
     moe(input_ids=ids, labels=ids).loss.backward()
     hf(input_ids=ids, labels=ids).loss.backward()
     block = getattr(hf.model.layers[0], TARGETS[target].block)
-    router = block.router if target == "granitemoe" else block.gate
+    router = block.router if target.startswith("granite") else block.gate
     torch.testing.assert_close(router.weight.grad, layer.router.weight.grad, rtol=1e-4, atol=1e-6)
     hf.zero_grad()
     hf.router_aux_loss_coef = 0.0
     hf(input_ids=ids, labels=ids).loss.backward()
     assert (router.weight.grad - layer.router.weight.grad).abs().max() > 1e-5
+
+
+def test_router_pressure_is_covered_for_every_target_that_has_a_router_loss():
+    covered = {"mixtral", "qwen2_moe"}  # tests/test_export_hf.py
+    covered |= {t for _, t in test_router_pressure_matches_ours.pytestmark[0].args[1]}
+    assert covered | {n for n, t in TARGETS.items() if not t.router_loss} == set(TARGETS)
+
+
+def test_cohere2_moe_computes_no_router_loss(tmp_path):
+    """Cohere2-MoE's forward adds no balancing loss: its training loss is the plain LM loss (said in
+    its exactness line and the export record), while ours carries the router loss."""
+    from transformers import AutoModelForCausalLM
+
+    from upcycle import compile_upcycle
+
+    sp = spec(4, 1, 2, "topk_then_softmax")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moe = compile_upcycle(source("cohere2", layers=1), sp)
+    out = export_hf(moe, tmp_path / "hf", spec=sp)
+    assert json.loads((out / "upcycle_export.json").read_text())["router_loss"] is False
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).train()
+    ids = _ids()
+    res = hf(input_ids=ids, labels=ids)
+    lm = torch.nn.functional.cross_entropy(res.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(res.loss, lm)
 
 
 def test_ernie_holds_a_trained_routing_bias(tmp_path):

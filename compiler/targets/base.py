@@ -113,6 +113,7 @@ class Target:
     fine_grained = True  # experts narrower than the dense intermediate size
     shared_expert = False  # holds our shared expert
     trained_bias = False  # holds a trained aux-loss-free routing bias (router.balancing: bias)
+    router_loss = True  # its forward adds the load-balancing loss (router_aux_loss_coef) in training
     exactness = ""  # what equals ours, for the README table and the export record
     order = 100  # among targets that fit exactly, the lowest order is the default
 
@@ -146,7 +147,7 @@ class Target:
             vocab_size=src.vocab_size, hidden_size=src.hidden_size, num_hidden_layers=src.num_hidden_layers,
             num_attention_heads=src.num_attention_heads, num_key_value_heads=src.num_key_value_heads,
             hidden_act=src.hidden_act, max_position_embeddings=src.max_position_embeddings,
-            initializer_range=src.initializer_range, rms_norm_eps=src.rms_norm_eps,
+            initializer_range=src.initializer_range, rms_norm_eps=getattr(src, "rms_norm_eps", None),
             tie_word_embeddings=bool(getattr(src, "tie_word_embeddings", False)),
             rope_parameters=getattr(src, "rope_parameters", None), attention_dropout=getattr(src, "attention_dropout", 0.0),
             bos_token_id=src.bos_token_id, eos_token_id=src.eos_token_id, pad_token_id=src.pad_token_id,
