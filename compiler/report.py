@@ -13,6 +13,12 @@ from upcycle.specs.schema import UpcycleSpec
 from .plan import Plan, render_plan
 
 
+def _ppl(loss: float | None) -> float | None:
+    import math
+
+    return None if loss is None else math.exp(min(loss, 700.0))
+
+
 @dataclass
 class Report:
     spec: dict
@@ -25,6 +31,9 @@ class Report:
     seconds: float = 0.0
     probe: str = ""
     plan_text: str = ""
+    # exp(loss) on the calibration text (None when the probe is not real text)
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
 
     @classmethod
     def build(cls, spec: UpcycleSpec, plan: Plan, checks: list[LayerCheck], records: list[RewriteRecord],
@@ -40,6 +49,8 @@ class Report:
             seconds=seconds,
             probe=probe,
             plan_text=render_plan(plan, spec),
+            perplexity_before=_ppl(loss_before) if probe.startswith("calibration") else None,
+            perplexity_after=_ppl(loss_after) if probe.startswith("calibration") else None,
         )
 
     def to_json(self) -> str:
@@ -100,7 +111,10 @@ class Report:
             lines.append("  disabled")
         if self.model_rel_error is not None:
             lines.append(f"  whole model: relative output error {self.model_rel_error:.4g}")
-        if self.loss_before is not None and self.loss_after is not None:
+        if self.perplexity_before is not None and self.perplexity_after is not None:
+            lines.append(f"  perplexity on the calibration text: dense {self.perplexity_before:.4g} -> upcycled "
+                         f"{self.perplexity_after:.4g} ({self.perplexity_after / self.perplexity_before:.3f}x)")
+        elif self.loss_before is not None and self.loss_after is not None:
             lines.append(f"  probe loss: dense {self.loss_before:.4f} -> upcycled {self.loss_after:.4f} "
                          f"({self.loss_after - self.loss_before:+.4f})")
         lines.append(f"conversion time: {self.seconds:.2f} s")

@@ -42,7 +42,6 @@ from .pipeline import MoEBuilder, _NullProgress, analyse
 from .report import Report
 from .saving import atomic_output, tensor_accounting, tied_aliases, write_metadata
 
-STREAM_THRESHOLD_BYTES = 1 << 30  # the CLI streams safetensors inputs larger than this by default
 DEFAULT_SHARD_BYTES = 2 * 10**9
 VERIFICATION = "per-layer: each MoE layer against its dense MLP on synthetic unit-RMS probes (no whole-model forward)"
 
@@ -58,13 +57,6 @@ def safetensors_input(path) -> bool:
         except UpcycleError:
             return True  # let the streaming path report the broken index
     return False
-
-
-def input_bytes(path) -> int:
-    try:
-        return sum(f.stat().st_size for f in checkpoint_files(Path(path)))
-    except (UpcycleError, OSError):
-        return 0
 
 
 @dataclass
@@ -192,12 +184,16 @@ def _one_core_for_io():
 def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = False,
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
                    writer_factory=ShardWriter, fmt: str = "native", target: str | None = None,
-                   dtype: torch.dtype | None = None) -> StreamResult:
+                   dtype: torch.dtype | None = None, calibration=None, tokenizer=None,
+                   calibration_name: str = "text") -> StreamResult:
     """Upcycle a safetensors checkpoint on disk into `out_dir` without loading it (see module doc).
 
-    fmt "hf": write a transformers MoE checkpoint instead (compiler/targets/; `target` names one) (`export_hf`'s names, layout and
-    order, through the same writer: the same bytes as the in-memory export of the same model).
-    dtype: cast every floating tensor to it on write (native routers stay fp32), None: as the source."""
+    fmt "hf": write a transformers MoE checkpoint instead (compiler/targets/; `target` names one):
+    `export_hf`'s names, layout and order, through the same writer, so the same bytes as the
+    in-memory export of the same model. dtype: cast every floating tensor to it on write (native
+    routers stay fp32), None: as the source. calibration: text (tokenized with `tokenizer`, by
+    default the one beside the checkpoint) or token ids: the probe for per-layer verification,
+    k-means and the perplexity before/after, run module by module (compiler/stream_probe.py)."""
     t0 = time.perf_counter()
     spec = load_spec(spec)
     _return_freed_memory()
@@ -207,6 +203,16 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     mp = plan_on_meta(spec, model_path, config)
     hf = _hf_plan(mp, spec, target) if fmt == "hf" else None
     src = Path(model_path)
+    probe = None
+    if calibration is not None:
+        from .calibration import calibration_batch, load_tokenizer
+        from .stream_probe import StreamProbe
+
+        if tokenizer is None and not isinstance(calibration, torch.Tensor):
+            tokenizer = load_tokenizer(model_path, config)
+        calib = calibration_batch(calibration, tokenizer=tokenizer, config=mp.config, tokens=spec.verify.probe_tokens,
+                                  name=calibration_name)
+        probe = StreamProbe(calib, mp, dominant_float_dtype(mp.infos))
     final = mp.model.state_dict(keep_vars=True)
     aliases = tied_aliases(mp.model)  # {duplicate name: first name}
     moe_of = {}  # output name -> (mlp path, local name)
@@ -247,7 +253,17 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     src_dir = src if src.is_dir() else src.parent
     extra = tokenizer_files(src_dir)
 
-    def moe_state(mlp_path: str) -> dict[str, torch.Tensor]:
+    if probe is not None:  # the dense forward first: its MLP inputs are the layers' probes and k-means data
+        probe.run_dense(reader)
+        builder.capture = probe.capture
+
+    def measure():
+        """(whole-model error, loss before, loss after, probe name) once the layers are written."""
+        if probe is None:
+            return None, None, None, "synthetic (streaming: per-layer only)"
+        return (*probe.run_upcycled(reader, moe_state), probe.description)
+
+    def moe_state(mlp_path: str, verify: bool = True) -> dict[str, torch.Tensor]:
         match, gm, names = mp.seen[mlp_path]
         key = linear_paths(match)
         index = builder.index_of[key]
@@ -258,7 +274,7 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
             scale = plan_scaling(spec, match.activation, match.gated)
             with torch.no_grad():
                 moe = builder.moe_for(match, gm, scale, index)
-                if spec.verify.enabled:
+                if spec.verify.enabled and verify:
                     builder._verify(match, gm, moe, scale, index, key)
             state = {k: v.detach() for k, v in moe.state_dict().items()}
             del moe
@@ -268,10 +284,14 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
                 _set_tensor(gm, local, torch.empty(t.shape, dtype=t.dtype, device="meta"))
         return state
 
+    verification = (_probe_verification(probe) if spec.verify.enabled else "disabled")
     if hf is not None:
-        with _one_core_for_io():
-            return _write_hf(hf, spec, mp, src, out, outputs, tensors, moe_state, reader, bar, builder,
-                             max_shard_bytes, force, t0)
+        try:
+            with _one_core_for_io():
+                return _write_hf(hf, spec, mp, src, out, outputs, tensors, moe_state, reader, bar, builder,
+                                 max_shard_bytes, force, t0, measure, verification)
+        finally:
+            reader.close()
     with atomic_output(out, force=force) as tmp, _one_core_for_io():
         writer = writer_factory(tmp, outputs, max_shard_bytes, metadata={"upcycle_format": "1"})
         try:
@@ -291,17 +311,21 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
             weight_files = writer.finish()
         except BaseException:
             writer.abort()
+            reader.close()
             raise
         finally:
-            reader.close()
             bar.close()
+        try:
+            model_error, loss_before, loss_after, probe_name = measure()
+        finally:
+            reader.close()
         mp.config.save_pretrained(str(tmp))
         patch_config(tmp / "config.json")  # plain transformers must refuse it, not load a dense model
-        report = Report.build(spec, mp.plan, builder.checks, mp.records, None, None, None,
-                              seconds=time.perf_counter() - t0, probe="synthetic (streaming: per-layer only)")
+        report = Report.build(spec, mp.plan, builder.checks, mp.records, model_error, loss_before, loss_after,
+                              seconds=time.perf_counter() - t0, probe=probe_name)
         manifest = write_metadata(tmp, spec=spec, kind="transformers", model_class=type(mp.model).__name__, source=src,
                                   report=report, tensors=tensors, weight_files=weight_files, extra_files=extra,
-                                  streaming=True, verification=VERIFICATION if spec.verify.enabled else "disabled")
+                                  streaming=True, verification=verification)
     in_bytes = sum(f.stat().st_size for f in {i.file for i in mp.infos.values()})
     out_bytes = sum(v["bytes"] for v in weight_files.values())
     return StreamResult(out, report, manifest, in_bytes, out_bytes, time.perf_counter() - t0)
@@ -355,8 +379,16 @@ def _hf_plan(mp: MetaPlan, spec, target) -> _HFPlan:
     return _HFPlan(mp, spec, target)
 
 
+def _probe_verification(probe) -> str:
+    if probe is None:
+        return VERIFICATION
+    from .stream_probe import VERIFICATION as WITH_TEXT
+
+    return WITH_TEXT
+
+
 def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, tensors, moe_state, reader, bar,
-              builder, max_shard_bytes: int, force: bool, t0: float) -> StreamResult:
+              builder, max_shard_bytes: int, force: bool, t0: float, measure, verification: str) -> StreamResult:
     from .export_hf import export_record, write_hf_folder
 
     dtypes = {t.name: t.dtype for t in outputs}
@@ -382,12 +414,12 @@ def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, te
                                     source_class=type(mp.model).__name__,
                                     carried=tokenizer_files(src if src.is_dir() else src.parent),
                                     extra={**export_record(hf.plan), "streaming": True, "tensors": tensors,
-                                           "verification": VERIFICATION if spec.verify.enabled else "disabled"})
+                                           "verification": verification})
         finally:
-            reader.close()
             bar.close()
-        report = Report.build(spec, mp.plan, builder.checks, mp.records, None, None, None,
-                              seconds=time.perf_counter() - t0, probe="synthetic (streaming: per-layer only)")
+        model_error, loss_before, loss_after, probe_name = measure()
+        report = Report.build(spec, mp.plan, builder.checks, mp.records, model_error, loss_before, loss_after,
+                              seconds=time.perf_counter() - t0, probe=probe_name)
         (tmp / "report.json").write_text(report.to_json())
         (tmp / "report.txt").write_text(report.to_text() + "\n")
     in_bytes = sum(f.stat().st_size for f in {i.file for i in mp.infos.values()})
@@ -404,4 +436,4 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, desc="streaming tensors", unit="tensor")
 
 
-__all__ = ["stream_upcycle", "plan_on_meta", "safetensors_input", "input_bytes", "STREAM_THRESHOLD_BYTES"]
+__all__ = ["stream_upcycle", "plan_on_meta", "safetensors_input"]
