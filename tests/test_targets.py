@@ -285,3 +285,27 @@ def test_no_format_names_the_nearest(model_type, needle):
         hf_export_plan(moe)
     msg = str(info.value)
     assert "\n" not in msg and "no transformers MoE format" in msg and needle in msg, msg
+
+
+def test_cli_target(tmp_path, capsys):
+    """--target NAME picks among the formats that fit (implies --format hf; streamed by default);
+    one that does not fit is one line, and the work is kept in the native format."""
+    import yaml
+
+    from upcycle.compiler.cli import run
+
+    src = tmp_path / "dense"
+    source("llama", layers=2).save_pretrained(src)
+    sp = tmp_path / "spec.yaml"
+    sp.write_text(yaml.safe_dump(spec(4, 1, 2, "topk_then_softmax")))
+    assert run([str(sp), str(src), "-o", str(tmp_path / "q"), "--target", "qwen2_moe", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["model_type"] == "qwen2_moe"
+    assert run([str(sp), str(src), "-o", str(tmp_path / "m"), "--format", "hf", "--no-progress", "--no-stream"]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "mixtral"  # the default
+    capsys.readouterr()
+    assert run([str(sp), str(src), "-o", str(tmp_path / "g"), "--target", "granitemoe", "--no-progress"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "GraniteMoe holds granite models, not llama" in err[0] and "native format" in err[0]
+    assert (tmp_path / "g" / "upcycle.json").is_file()
+    assert run([str(sp), str(src), "-o", str(tmp_path / "n"), "--target", "mixtral", "--format", "native"]) == 2
+    assert "drop --format native" in capsys.readouterr().err
