@@ -17,4 +17,5 @@ NEAREST = {
     "olmo3": ("FlexOlmo", "OLMo 3's sliding-window attention layers"),
     "exaone4": ("EXAONE-MoE", "EXAONE 4's post-norm layers (EXAONE-MoE normalises before attention and MLP)"),
     "phi": ("PhiMoE", "Phi's parallel attention/MLP block and non-gated GELU MLP"),
+    "lfm2": ("LFM2-MoE", "a softmax router: its router weights are sigmoid(logits), renormalised (+1e-6) and scaled"),
 }
