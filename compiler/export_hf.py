@@ -250,7 +250,7 @@ def export_record(plan: ExportPlan) -> dict:
     """What upcycle_export.json says about the format chosen (from the target's entry)."""
     t = plan.target
     return {"target": t.name, "exactness": t.exactness, "router_type": plan.moe.router_type, "router_loss": t.router_loss,
-            "moe_layers": plan.moe_layers, "dense_layers": plan.dense_layers, "fitting_targets": plan.candidates}
+            "moe_layers": plan.moe_layers, "dense_layers": plan.dense_layers, "targets_for_source": plan.candidates}
 
 
 def write_hf_folder(tmp: Path, cfg, tensors, plan: list, max_shard_bytes: int, *, spec=None, report=None,

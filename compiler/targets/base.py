@@ -112,6 +112,7 @@ class Target:
     dense_layers = False  # dense MLP layers among MoE ones
     fine_grained = True  # experts narrower than the dense intermediate size
     shared_expert = False  # holds our shared expert
+    shared_in_expert_widths = False  # its shared expert is a whole number of expert widths
     trained_bias = False  # holds a trained aux-loss-free routing bias (router.balancing: bias)
     router_loss = True  # its forward adds the load-balancing loss (router_aux_loss_coef) in training
     exactness = ""  # what equals ours, for the README table and the export record
@@ -132,6 +133,8 @@ class Target:
             return f"{self.title} holds full-width experts (granularity 1) only"
         if c.shared_d_ffn and not self.shared_expert:
             return f"{self.title} has no shared expert"
+        if self.shared_in_expert_widths and c.shared_d_ffn % c.d_expert:
+            return f"{self.title}'s shared experts are whole multiples of the expert width"
         if plan.expert_bias and not self.trained_bias:
             return f"{self.title}'s router cannot hold a trained aux-loss-free bias (router.balancing: bias)"
         return self.source_problem(src, plan)
@@ -205,4 +208,14 @@ class Target:
         return {}
 
 
-__all__ = ["ExportError", "ExportPlan", "Interleaved", "Target", "hf_aux_loss_coef", "sliding_layers", "head_dim"]
+def shared_expert_tensors(state: dict, c: MoEConfig, prefix: str, factor: float = 1.0) -> dict:
+    """Our shared expert as a gate/up/down MLP at `prefix`, its output scale (times `factor`)
+    folded into the down projection: the format adds the MLP's output as it is."""
+    scale = c.shared_scale * factor
+    down = state["shared_expert.down_proj.weight"]  # [D, Hs]
+    return {prefix + "gate_proj.weight": state["shared_expert.gate_proj.weight"],  # [Hs, D]
+            prefix + "up_proj.weight": state["shared_expert.up_proj.weight"],  # [Hs, D]
+            prefix + "down_proj.weight": down * scale if scale != 1.0 else down}
+
+
+__all__ = ["ExportError", "shared_expert_tensors", "ExportPlan", "Interleaved", "Target", "hf_aux_loss_coef", "sliding_layers", "head_dim"]

@@ -7,7 +7,7 @@ have). Its forward computes no load-balancing loss (transformers 5.x): the expor
 inference, but training it in transformers does not balance the routers (router_aux_loss_coef is
 written for the record and unused)."""
 
-from .base import Target, sliding_layers
+from .base import Target, shared_expert_tensors, sliding_layers
 
 
 class Cohere2Moe(Target):
@@ -18,16 +18,12 @@ class Cohere2Moe(Target):
     sources = ("cohere2",)
     router_modes = {"topk_then_softmax": {"expert_selection_fn": "softmax", "norm_topk_prob": False}}
     shared_expert = True
+    shared_in_expert_widths = True
     router_loss = False
     exactness = ("exact for topk_then_softmax (its softmax selection); Cohere2's LayerNorm, logit scale and sliding "
                  "windows carried; shared experts summed; no router loss in its forward (training it in "
                  "transformers does not balance)")
     order = 7
-
-    def source_problem(self, src, plan):
-        if plan.moe.shared_d_ffn % plan.moe.d_expert:
-            return "Cohere2-MoE's shared experts are whole multiples of the expert width"
-        return None
 
     def common_kwargs(self, src, plan):
         kw = super().common_kwargs(src, plan)
@@ -45,12 +41,7 @@ class Cohere2Moe(Target):
                     rope_theta=rope.get("rope_theta", 10000.0))
 
     def extra_tensors(self, state, c):
-        if not c.shared_d_ffn:
-            return {}
-        down = state["shared_expert.down_proj.weight"]
-        return {"mlp.shared_experts.gate_proj.weight": state["shared_expert.gate_proj.weight"],
-                "mlp.shared_experts.up_proj.weight": state["shared_expert.up_proj.weight"],
-                "mlp.shared_experts.down_proj.weight": down * c.shared_scale if c.shared_scale != 1.0 else down}
+        return shared_expert_tensors(state, c, "mlp.shared_experts.") if c.shared_d_ffn else {}
 
 
 ENTRY = Cohere2Moe()

@@ -6,7 +6,7 @@ bias steers the choice (router.py), so a trained routing bias exports too. Share
 Dense layers must form the format's pattern: MoE on layers start ≤ i ≤ end with (i + 1) a multiple
 of the interval."""
 
-from .base import ExportPlan, Target
+from .base import ExportPlan, Target, shared_expert_tensors
 
 
 def moe_layer_pattern(moe: list[int], num_layers: int) -> tuple[int, int, int] | None:
@@ -28,13 +28,12 @@ class Ernie45Moe(Target):
     dense_layers = True
     shared_expert = True
     trained_bias = True
+    shared_in_expert_widths = True
     exactness = ("exact for topk_then_softmax (its only router); shared experts; a trained aux-loss-free bias "
                  "held in `moe_statics`; MoE layers as start/end/interval")
     order = 6
 
     def source_problem(self, src, plan: ExportPlan):
-        if plan.moe.shared_d_ffn % plan.moe.d_expert:
-            return "Ernie 4.5-MoE's shared experts are whole multiples of the expert width"
         if moe_layer_pattern(plan.moe_layers, src.num_hidden_layers) is None:
             return (f"Ernie 4.5-MoE places MoE layers as start/end/interval; layers {plan.moe_layers[:6]} "
                     "are not such a pattern")
@@ -53,10 +52,7 @@ class Ernie45Moe(Target):
         bias = state.get("router.expert_bias")
         out = {"mlp.gate.moe_statics.e_score_correction_bias": (bias if bias is not None else w.new_zeros(c.num_experts))[None]}  # [1, N]
         if c.shared_d_ffn:
-            down = state["shared_expert.down_proj.weight"]
-            out.update({"mlp.shared_experts.gate_proj.weight": state["shared_expert.gate_proj.weight"],
-                        "mlp.shared_experts.up_proj.weight": state["shared_expert.up_proj.weight"],
-                        "mlp.shared_experts.down_proj.weight": down * c.shared_scale if c.shared_scale != 1.0 else down})
+            out.update(shared_expert_tensors(state, c, "mlp.shared_experts."))
         return out
 
 

@@ -4,6 +4,7 @@ which holds our shared expert exactly (its scale folded into output_linear)."""
 
 import torch
 
+from .base import shared_expert_tensors
 from .granitemoe import GraniteMoe
 
 
@@ -22,10 +23,9 @@ class GraniteMoeShared(GraniteMoe):
     def extra_tensors(self, state, c):
         if not c.shared_d_ffn:
             return {}
-        gate_up = torch.cat([state["shared_expert.gate_proj.weight"], state["shared_expert.up_proj.weight"]])  # [2·Hs, D]
-        down = state["shared_expert.down_proj.weight"]  # [D, Hs]
-        return {"shared_mlp.input_linear.weight": gate_up,  # beside block_sparse_moe, in the decoder layer
-                "shared_mlp.output_linear.weight": down * c.shared_scale if c.shared_scale != 1.0 else down}
+        mlp = shared_expert_tensors(state, c, "")
+        return {"shared_mlp.input_linear.weight": torch.cat([mlp["gate_proj.weight"], mlp["up_proj.weight"]]),  # [2·Hs, D]
+                "shared_mlp.output_linear.weight": mlp["down_proj.weight"]}  # beside block_sparse_moe, in the layer
 
 
 ENTRY = GraniteMoeShared()

@@ -12,7 +12,7 @@ gradients are 0, so training keeps it at 0); width 0 would make transformers war
 zero-element tensors on every load.
 """
 
-from .base import Target, sliding_layers
+from .base import Target, shared_expert_tensors, sliding_layers
 
 
 class Qwen2Moe(Target):
@@ -49,9 +49,7 @@ class Qwen2Moe(Target):
         d = c.d_model
         if c.shared_d_ffn:
             # sigmoid(0) = 1/2 gates it in transformers: double W2 so the product is shared_scale · W2
-            out = {"mlp.shared_expert.gate_proj.weight": state["shared_expert.gate_proj.weight"],
-                   "mlp.shared_expert.up_proj.weight": state["shared_expert.up_proj.weight"],
-                   "mlp.shared_expert.down_proj.weight": state["shared_expert.down_proj.weight"] * (2.0 * c.shared_scale)}
+            out = shared_expert_tensors(state, c, "mlp.shared_expert.", factor=2.0)
         else:  # no shared expert: width 1, all zeros (output exactly 0, gradients 0: it stays 0)
             out = {"mlp.shared_expert.gate_proj.weight": w.new_zeros(1, d),
                    "mlp.shared_expert.up_proj.weight": w.new_zeros(1, d),
