@@ -15,6 +15,7 @@ import torch
 from upcycle.passes.verify import ProbeCapture, compare
 
 from .calibration import CalibrationBatch
+from .errors import ModelError
 from .loading import meta_skeleton, tied_groups
 from .offload import fill_buffers, offloaded, real_buffers
 from .pipeline import _lm_loss, _model_output
@@ -31,6 +32,16 @@ def _resolver(model: torch.nn.Module, infos: dict):
         stored = next((n for n in group if n in infos), group[0])
         where.update({n: stored for n in group})
     return lambda reader: (lambda name: reader.get(where.get(name, name)))
+
+
+def _forward(model, inputs, which: str):
+    """The model's output on the probe; a failure of the module-by-module forward is one line."""
+    try:
+        return _model_output(model, inputs)
+    except (RuntimeError, NotImplementedError, KeyError, TypeError) as exc:
+        raise ModelError(f"{type(model).__name__}: the calibration probe's module-by-module {which} forward failed "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); use --no-stream for the "
+                         "in-memory probe") from exc
 
 
 class StreamProbe:
@@ -62,7 +73,7 @@ class StreamProbe:
                 self.capture.watch(linear_paths(match), first, first)
         try:
             with offloaded(dense, _resolver(dense, self.mp.infos)(reader)):
-                self.dense_logits = _model_output(dense, self._inputs())
+                self.dense_logits = _forward(dense, self._inputs(), "dense")
         finally:
             self.capture.remove()
 
@@ -74,7 +85,7 @@ class StreamProbe:
         fill_buffers(model, self.buffers)
         mlp_of = {rec.moe_path: rec.mlp_path for rec in self.mp.records}
         with offloaded(model, _resolver(model, self.mp.infos)(reader), lambda path: moe_state(mlp_of[path], verify=False)):
-            logits = _model_output(model, self._inputs())
+            logits = _forward(model, self._inputs(), "upcycled")
         self.capture.inputs.clear()
         if logits is None or self.dense_logits is None or logits.shape != self.dense_logits.shape:
             return None, None, None

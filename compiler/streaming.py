@@ -9,8 +9,11 @@
    reads at the offsets of the checked headers, not one long-lived memory map whose touched pages
    would count as resident memory) and copied; for each MLP its dense tensors are read, mapped to MoE weights
    by the same code and seeds as the in-memory path (`MoEBuilder.moe_for`, hence the same router
-   init), verified on a synthetic probe (the per-layer check; no whole-model forward in this mode)
-   and written. Peak memory is about one MoE layer plus one dense MLP.
+   init), verified on a synthetic probe (the per-layer check) and written. Peak memory is about
+   one MoE layer plus one dense MLP. With calibration text (compiler/stream_probe.py) the dense
+   model first runs on it module by module, so each layer is verified (and k-means clustered) on
+   the text's hidden states, and the upcycled model runs on it after, for the whole-model error and
+   the perplexity before/after.
 4. Output: transformers-layout shards (`model-0000k-of-0000N.safetensors` + index, or one
    `model.safetensors`), config, spec, report, and `upcycle.json` with sha256 per file and the
    fate of every input tensor; written in a temp folder renamed into place when complete.
