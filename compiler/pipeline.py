@@ -36,6 +36,7 @@ from upcycle.runtime.token_mask import attach_token_mask
 from upcycle.specs import load_spec, validate_against_model
 from upcycle.specs.schema import UpcycleSpec
 
+from .calibration import calibration_batch, tokenizer_of
 from .errors import ModelError, VerificationError
 from .pretrained import mark_upcycled
 from .plan import Plan, build_plan, moe_config_for
@@ -264,17 +265,29 @@ class _NullProgress:
         pass
 
 
-def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool = False,
-                  structure_only: bool = False) -> UpcycleResult:
+def upcycle_model(model: nn.Module, spec, *, example_inputs=None, calibration=None, tokenizer=None,
+                  calibration_name: str = "text", progress: bool = False, structure_only: bool = False) -> UpcycleResult:
     """Run the whole pipeline on `model` (rewritten in place) and return model, plan and report.
 
-    structure_only: build MoE layers with uninitialised weights and skip verification (used when
-    loading a saved upcycled model: the weights come from its checkpoint).
+    calibration: text (a string or list of strings, tokenized with `tokenizer`, by default the one
+    beside the folder the model came from) or token ids: the probe for verification, k-means and
+    the perplexity before/after (compiler/calibration.py). structure_only: build MoE layers with
+    uninitialised weights and skip verification (used when loading a saved upcycled model: the
+    weights come from its checkpoint).
     """
     t0 = time.perf_counter()
     spec = load_spec(spec)
     if structure_only:
         spec = dataclasses.replace(spec, verify=dataclasses.replace(spec.verify, enabled=False))
+    calib = None
+    if calibration is not None and not structure_only:
+        if example_inputs is not None:
+            raise ModelError("give example_inputs= or calibration=, not both (both are the probe)")
+        calib = calibration_batch(calibration, tokenizer=tokenizer if tokenizer is not None else tokenizer_of(model),
+                                  config=getattr(model, "config", None), tokens=spec.verify.probe_tokens,
+                                  name=calibration_name)
+        device = next(model.parameters()).device
+        example_inputs = {"input_ids": calib.input_ids.to(device)}
     was_training = model.training
     _set_training(model, False)
     discovery, selection, plan = analyse(model, spec)
@@ -332,7 +345,8 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, progress: bool
     _set_training(model, was_training)
     attach_token_mask(model)  # pad tokens out of the router losses and telemetry
     report = Report.build(spec, plan, builder.checks, records, model_error, loss_before, loss_after,
-                          seconds=time.perf_counter() - t0, probe="model forward" if capture else "synthetic")
+                          seconds=time.perf_counter() - t0,
+                          probe=calib.description if calib and capture else "model forward" if capture else "synthetic")
     model = mark_upcycled(model, spec, report.rewrites)  # save_pretrained writes a folder that reloads as the MoE
     return UpcycleResult(model, plan, report, records, pass_log)
 
@@ -353,13 +367,18 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="upcycling MLPs", unit="mlp")
 
 
-def compile_upcycle(model: nn.Module, spec, *, example_inputs=None, progress: bool = False, return_report: bool = False):
+def compile_upcycle(model: nn.Module, spec, *, example_inputs=None, calibration=None, tokenizer=None,
+                    progress: bool = False, return_report: bool = False):
     """Upcycle `model` into an MoE model following `spec` (a path, preset name, dict or UpcycleSpec).
 
+    calibration: real text (str or list of str; or token ids) for the checks: per-layer
+    verification on its hidden states, k-means router init, perplexity before/after in the report;
+    tokenized with `tokenizer` (default: the one in the folder the model was loaded from).
     The model is rewritten in place and returned (the root is a new object only when the whole
     model is one MLP). With return_report=True, returns (model, report).
     """
-    result = upcycle_model(model, spec, example_inputs=example_inputs, progress=progress)
+    result = upcycle_model(model, spec, example_inputs=example_inputs, calibration=calibration, tokenizer=tokenizer,
+                           progress=progress)
     if return_report:
         return result.model, result.report
     return result.model

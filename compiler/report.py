@@ -7,9 +7,16 @@ from dataclasses import asdict, dataclass, field
 
 from upcycle.passes.rewrite import RewriteRecord
 from upcycle.passes.verify import LayerCheck
+from upcycle.runtime.routers import router_type
 from upcycle.specs.schema import UpcycleSpec
 
 from .plan import Plan, render_plan
+
+
+def _ppl(loss: float | None) -> float | None:
+    import math
+
+    return None if loss is None else math.exp(min(loss, 700.0))
 
 
 @dataclass
@@ -24,6 +31,9 @@ class Report:
     seconds: float = 0.0
     probe: str = ""
     plan_text: str = ""
+    # exp(loss) on the calibration text (None when the probe is not real text)
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
 
     @classmethod
     def build(cls, spec: UpcycleSpec, plan: Plan, checks: list[LayerCheck], records: list[RewriteRecord],
@@ -39,6 +49,8 @@ class Report:
             seconds=seconds,
             probe=probe,
             plan_text=render_plan(plan, spec),
+            perplexity_before=_ppl(loss_before) if probe.startswith("calibration") else None,
+            perplexity_after=_ppl(loss_after) if probe.startswith("calibration") else None,
         )
 
     def to_json(self) -> str:
@@ -70,16 +82,8 @@ class Report:
         if any_exact:
             out.append("    must be exact: this spec reproduces the dense MLP exactly at init (topk_then_softmax, "
                        "top_k = granularity, virtual-group router); 'FAILED' would be a bug")
-        elif router == "softmax_then_topk":
-            out.append(f"    expected here: softmax_then_topk keeps only the top {ex['top_k']} of the experts' softmax "
-                       "weights, so the MoE equals the dense MLP only as far as the router is uniform: a rel err "
-                       "of 0.1-1 per layer is normal with the default init_std (0.02; near 0 with 1e-3, which trains worse), "
-                       "and without scaling the output is a fraction of the "
-                       "dense one (rel err near 1). What matters is the whole-model error and probe loss below, "
-                       "and continued training recovers the rest (the paper's recipe)")
-        else:
-            out.append("    expected here: this spec does not reproduce the dense MLP exactly (see the README's "
-                       "'which specs are exact'); the whole-model numbers below say how far the model moved")
+        else:  # the router type's own words (runtime/routers/)
+            out.append(f"    expected here: {router_type(router).expected.format(top_k=ex['top_k'])}")
         if self.probe.startswith("synthetic"):
             out.append("    probe: random unit-RMS vectors, not real hidden states, so errors read larger than on text")
         return out
@@ -107,7 +111,10 @@ class Report:
             lines.append("  disabled")
         if self.model_rel_error is not None:
             lines.append(f"  whole model: relative output error {self.model_rel_error:.4g}")
-        if self.loss_before is not None and self.loss_after is not None:
+        if self.perplexity_before is not None and self.perplexity_after is not None:
+            lines.append(f"  perplexity on the calibration text: dense {self.perplexity_before:.4g} -> upcycled "
+                         f"{self.perplexity_after:.4g} ({self.perplexity_after / self.perplexity_before:.3f}x)")
+        elif self.loss_before is not None and self.loss_after is not None:
             lines.append(f"  probe loss: dense {self.loss_before:.4f} -> upcycled {self.loss_after:.4f} "
                          f"({self.loss_after - self.loss_before:+.4f})")
         lines.append(f"conversion time: {self.seconds:.2f} s")

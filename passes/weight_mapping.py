@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from upcycle.runtime.activations import HOMOGENEITY_DEGREE
+from upcycle.runtime.routers import router_type
 from upcycle.specs.schema import UpcycleSpec
 
 from .activation_regions import _split_glu
@@ -100,9 +101,7 @@ def scaling_factor(spec: UpcycleSpec) -> float:
         return float(spec.weight_scaling)
     # with shared experts the routed experts rebuild only the G' = G − S shards the shared one lacks
     e, g, t = spec.experts.expansion, spec.experts.routed_granularity, spec.experts.top_k
-    if spec.router.type == "softmax_then_topk":
-        return e * g * g / t
-    return float(g)
+    return float(router_type(spec.router.type).scaling(e, g, t))  # runtime/routers/: each type's rule
 
 
 def plan_scaling(spec: UpcycleSpec, activation: str, gated: bool) -> Scaling:
@@ -311,7 +310,7 @@ def virtual_group_ok(spec: UpcycleSpec) -> bool:
 def expected_exact(spec: UpcycleSpec, scale: Scaling) -> bool:
     """Cases where the upcycled layer must equal the dense MLP (docs/algorithm.md §5)."""
     ex = spec.experts
-    if spec.router.type != "topk_then_softmax" or ex.drop_upcycling > 0:
+    if not router_type(spec.router.type).exact_at_init or ex.drop_upcycling > 0:
         return False
     g = ex.routed_granularity  # shared experts: the routed part rebuilds the remaining G − S shards
     if g == 1:

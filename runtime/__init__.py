@@ -2,10 +2,9 @@
 
 from .activations import ACTIVATIONS, HOMOGENEITY_DEGREE, get_activation
 from .config import MoEConfig
-from .dispatch import available_backends, register_backend, resolve_backend
+from .backends import available_backends, register_backend, resolve_backend
 from .experts import GroupedExperts, reference_forward
 from .grouped import grouped_forward
-from .kernels import triton_available, triton_backend
 from .balancing import update_expert_bias
 from .capacity import capacity_keep
 from .losses import aux_loss, load_balancing_loss, set_aux_loss_scale, z_loss
@@ -13,10 +12,6 @@ from .moe import MoELayer, SharedExpert, build_moe, moe_layers, relax_routing
 from .router import RouterOutput, TopKRouter
 from .telemetry import RouterStats, TelemetryWriter, plot_load_heatmap, read_router_stats, stats_summary
 from .token_mask import attach_token_mask
-
-register_backend("grouped", grouped_forward)
-if triton_available():
-    register_backend("triton", triton_backend)
 
 __all__ = [
     "ACTIVATIONS", "HOMOGENEITY_DEGREE", "get_activation", "MoEConfig",

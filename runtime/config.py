@@ -6,10 +6,13 @@ from dataclasses import asdict, dataclass
 
 from typing import Optional
 
-ROUTER_TYPES = ("softmax_then_topk", "topk_then_softmax")
+from .backends import backend_names
+from .routers import ROUTER_TYPES as _ROUTER_TYPES
+
+ROUTER_TYPES = tuple(_ROUTER_TYPES)  # runtime/routers/: one module per type
 # which experts a token gets: the K best overall, or the T/G best copies of each shard position
 SELECTIONS = ("topk", "per_slice")
-BACKENDS = ("auto", "reference", "grouped", "triton")
+BACKENDS = backend_names()  # runtime/backends/: auto + one module per backend
 # aux_loss: the load-balancing loss reaches the router through autograd; bias: DeepSeek-V3's
 # aux-loss-free per-expert routing bias, updated once per optimizer step; both; none
 BALANCING = ("aux_loss", "bias", "both", "none")

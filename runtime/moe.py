@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from .activations import get_activation
 from .config import MoEConfig
-from .dispatch import LOCAL, resolve_backend
+from .backends import resolve_backend
+from .dispatchers import LOCAL
 from .experts import GroupedExperts
 from .balancing import register_bias_layer
 from .capacity import capacity_keep

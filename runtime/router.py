@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .routers import router_type as _router_type
+
 
 class RouterOutput(NamedTuple):
     indices: torch.Tensor  # [tokens, top_k] int64 expert ids
@@ -40,9 +42,8 @@ def per_slice_topk(scores: torch.Tensor, group_size: int, copies: int) -> torch.
 
 
 class TopKRouter(nn.Module):
-    """softmax_then_topk keeps the top-K probabilities of a softmax over all experts (the
-    paper's choice: kept weights sum to < 1); topk_then_softmax renormalises over the kept K
-    (Mixtral: kept weights sum to 1).
+    """The router type (runtime/routers/: softmax_then_topk, topk_then_softmax, ...) says which
+    scores the choice is made on and how the kept experts are weighted.
 
     `selection` says which K experts are kept: "topk" the K highest scores overall, "per_slice"
     the T/G highest of each shard position (per_slice_topk). The weights of the kept experts
@@ -63,6 +64,7 @@ class TopKRouter(nn.Module):
                              f"and top_k={top_k}")
         self.num_experts = num_experts
         self.top_k = top_k
+        _router_type(router_type)  # an unknown name fails here, not at the first forward
         self.router_type = router_type
         self.selection = selection  # mutable: relax_routing() switches per_slice to topk
         self.group_size = group_size
@@ -71,6 +73,11 @@ class TopKRouter(nn.Module):
         # learned by the balancing rule, not by gradients: a persistent buffer (None: not used)
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32) if expert_bias else None)
         nn.init.normal_(self.weight, std=0.02)
+
+    @property
+    def kind(self):
+        """The registry entry of `router_type` (looked up, not stored: modules stay picklable)."""
+        return _router_type(self.router_type)
 
     def _apply(self, fn, recurse=True):
         """Casts keep the router's fp32 tensors fp32 (device moves still apply)."""
@@ -91,17 +98,14 @@ class TopKRouter(nn.Module):
         eb = self.expert_bias
         # the choice: on probabilities when a balancing bias is added (one scale, [0, 1]), else on the
         # router type's own scores (softmax order = logit order, so both choose the same experts)
-        score = probs if self.router_type == "softmax_then_topk" else logits
+        score = self.kind.scores(logits, probs)  # [tokens, N]
         if eb is not None:
             score = probs + eb
         if self.selection == "per_slice":
             indices = per_slice_topk(score, self.group_size, self.top_k // self.group_size)  # [tokens, K]
         else:
             indices = torch.topk(score, self.top_k, dim=-1).indices  # [tokens, K]
-        if self.router_type == "softmax_then_topk":
-            weights = probs.gather(1, indices)  # [tokens, K], sum < 1
-        else:
-            weights = torch.softmax(logits.gather(1, indices), dim=-1)  # [tokens, K], sum 1
+        weights = self.kind.weights(logits, probs, indices)  # [tokens, K]
         return RouterOutput(indices, weights, probs, logits)
 
     def extra_repr(self) -> str:

@@ -40,13 +40,29 @@ def _type_schema(tp) -> dict:
     raise TypeError(f"no JSON Schema for {tp!r}")
 
 
+def _registry_descriptions() -> dict:
+    """(section, field) -> description, from the registries' own summaries (runtime/routers/,
+    runtime/backends/): an editor shows what each choice means."""
+    from upcycle.runtime.backends import BACKENDS
+    from upcycle.runtime.routers import ROUTER_TYPES
+
+    return {
+        (RouterSpec, "type"): "; ".join(f"{n}: {r.summary}" for n, r in ROUTER_TYPES.items()),
+        (RuntimeSpec, "backend"): "auto: the first runnable of grouped, reference; "
+                                  + "; ".join(f"{n}: {b.summary}" for n, b in BACKENDS.items()),
+    }
+
+
 def _section(cls) -> dict:
     hints = typing.get_type_hints(cls, include_extras=False)
+    described = _registry_descriptions()
     props = {}
     for f in dataclasses.fields(cls):
         entry = _type_schema(hints[f.name])
         if f.default is not dataclasses.MISSING:
             entry["default"] = f.default
+        if (cls, f.name) in described:
+            entry["description"] = described[(cls, f.name)]
         props[f.name] = entry
     return {"type": "object", "properties": props, "additionalProperties": False}
 

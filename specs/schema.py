@@ -1,12 +1,19 @@
-"""Typed upcycling spec. Plain data: no torch, no I/O. `specs.loader` builds it from YAML and
-validates it; everything downstream reads only these objects."""
+"""Typed upcycling spec. Plain data, no I/O. `specs.loader` builds it from YAML and validates it;
+everything downstream reads only these objects.
+
+The router types and backends are not listed here: their names come from the runtime's
+registries (runtime/routers/, runtime/backends/: one module per entry), so a new entry is a valid
+spec value, a JSON Schema enum member and a CLI choice without an edit here."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional, Union
 
-RouterType = Literal["softmax_then_topk", "topk_then_softmax"]
+from upcycle.runtime.backends import backend_names
+from upcycle.runtime.routers import ROUTER_TYPES
+
+RouterType = Literal[tuple(ROUTER_TYPES)]  # runtime/routers/
 RouterInit = Literal["virtual_group", "random", "kmeans"]
 # topk: the K best experts overall; per_slice: for each of the G shard positions the T/G best copies,
 # so every token always gets complete MLPs (runtime/router.py: per_slice_topk); auto: per_slice where
@@ -15,7 +22,7 @@ RouterSelection = Literal["auto", "topk", "per_slice"]
 # auto: exact where the activation allows (split for ReLU-like, else down_proj); output: the
 # factor as a fixed multiplier on the layer's routed output, the expert weights left at dense scale
 ScalingPlacement = Literal["auto", "balanced", "down_proj", "output"]
-Backend = Literal["auto", "reference", "grouped", "triton"]
+Backend = Literal[backend_names()]  # runtime/backends/: auto + the declared backends
 Balancing = Literal["aux_loss", "bias", "both", "none"]
 
 

@@ -162,8 +162,10 @@ def test_single_safetensors_and_pt_state_dict_inputs(models, tmp_path, capsys):
     weights = tmp_path / "w" / "weights.safetensors"
     weights.parent.mkdir()
     weights.write_bytes((src / "model.safetensors").read_bytes())
-    assert run([SPEC, str(weights), "--config", str(src / "config.json"), "-o", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert run([SPEC, str(weights), "--config", str(src / "config.json"), "-o", str(tmp_path / "a"), "--no-progress",
+                "--no-stream"]) == 0
     assert run([SPEC, str(weights), "--config", str(src), "-o", str(tmp_path / "b"), "--stream", "--no-progress"]) == 0
+    assert run([SPEC, str(weights), "--config", str(src), "-o", str(tmp_path / "d"), "--no-progress"]) == 0
     # a .pt state dict (weights_only) with config.json beside it
     pt_dir = tmp_path / "pt"
     pt_dir.mkdir()
@@ -177,6 +179,10 @@ def test_single_safetensors_and_pt_state_dict_inputs(models, tmp_path, capsys):
         assert torch.equal(sds[0][k], sds[1][k]) and torch.equal(sds[0][k], sds[2][k]), k
     manifest = json.loads((tmp_path / "a" / "upcycle.json").read_text())
     assert manifest["tensors"]["copied"] and manifest["streaming"] is False
+    # the default for a safetensors input is the streaming path (the fast one), with the same result
+    assert json.loads((tmp_path / "d" / "upcycle.json").read_text())["streaming"] is True
+    d = upcycle.load(tmp_path / "d").state_dict()
+    assert all(torch.equal(d[k], sds[0][k]) for k in sds[0])
 
 
 def test_gpt2_stream_equals_in_memory(tmp_path):
