@@ -4,7 +4,7 @@ user said `trust_pickle`; transformers is never asked to trust remote code."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ModelError
+from .jsonfiles import read_json
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -94,15 +95,10 @@ def load_config(path: Path):
     transformers = _transformers()
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
+    if not file.exists():
         raise ModelError(f"{file}: no config.json; a bare weights file needs its transformers config.json beside it "
                          "or given with --config")
-    try:
-        data = json.loads(file.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{file}: not valid JSON ({exc})") from None
+    data = read_json(file, what="transformers config")
     refuse_moe_input(data, file)
     model_type = data.get("model_type")
     if not model_type:
@@ -246,9 +242,43 @@ def _is_export_archive(path: Path) -> bool:
     return any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names)
 
 
+@contextlib.contextmanager
+def no_unpickling(path: Path):
+    """torch.export.load unpickles parts of some archives (weights or constants saved with pickle,
+    opaque objects, the legacy layout's fallback to `torch.load(weights_only=False)`): a hostile
+    .pt2 would run code. While it reads `path`, torch.load is held to weights_only=True and plain
+    unpickling refused, so such an archive fails with one line instead."""
+    import pickle
+
+    real_load, real_loads = torch.load, pickle.loads
+
+    def weights_only_load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        return real_load(f, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise ModelError(f"{path}: the torch.export archive holds pickled objects (running them would run code from "
+                         "the file); re-export the model with plain tensors (torch.export.save of an nn.Module), or "
+                         "pass a transformers folder")
+
+    real_obj = getattr(torch._C, "_pickle_load_obj", None)  # TorchScript-pickled custom objects
+    torch.load, pickle.loads = weights_only_load, refuse
+    if real_obj is not None:
+        torch._C._pickle_load_obj = refuse
+    try:
+        yield
+    finally:
+        torch.load, pickle.loads = real_load, real_loads
+        if real_obj is not None:
+            torch._C._pickle_load_obj = real_obj
+
+
 def load_export(path: Path) -> LoadedModel:
     try:
-        program = torch.export.load(str(path))
+        with no_unpickling(path):
+            program = torch.export.load(str(path))
+    except ModelError:
+        raise
     except Exception as exc:
         raise ModelError(f"{path}: not a readable torch.export program ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     args, kwargs = program.example_inputs or ((), {})
@@ -311,12 +341,7 @@ def _load_model(path: Path, trust_pickle: bool, dtype, config_path: Path | None)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: directory has no config.json, so it is not a transformers model directory")
-        try:
-            data = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
-        if isinstance(data, dict):
-            refuse_moe_input(data, path)
+        refuse_moe_input(read_json(path / "config.json", what="transformers config"), path)
         return load_transformers_dir(path, dtype)
     if not os.access(path, os.R_OK):
         raise ModelError(f"{path}: not readable (permission denied)")

@@ -40,6 +40,7 @@ from .loading import check_tensors_against, load_config, meta_skeleton, tokenize
 from .pretrained import patch_config
 from .pipeline import MoEBuilder, _NullProgress, analyse
 from .report import Report
+from .resources import FILES_OVERHEAD_BYTES
 from .saving import atomic_output, tensor_accounting, tied_aliases, write_metadata
 
 STREAM_THRESHOLD_BYTES = 1 << 30  # the CLI streams safetensors inputs larger than this by default
@@ -192,12 +193,14 @@ def _one_core_for_io():
 def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = False,
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
                    writer_factory=ShardWriter, fmt: str = "native", target: str | None = None,
-                   dtype: torch.dtype | None = None) -> StreamResult:
+                   dtype: torch.dtype | None = None, force_resources: bool = False) -> StreamResult:
     """Upcycle a safetensors checkpoint on disk into `out_dir` without loading it (see module doc).
 
     fmt "hf": write a Mixtral / Qwen2-MoE checkpoint instead (`export_hf`'s names, layout and
     order, through the same writer: the same bytes as the in-memory export of the same model).
-    dtype: cast every floating tensor to it on write (native routers stay fp32), None: as the source."""
+    dtype: cast every floating tensor to it on write (native routers stay fp32), None: as the source.
+    Right after the plan, before any tensor is read, the memory in flight and the output's disk
+    space are checked (preflight.check_streaming; force_resources=True skips)."""
     t0 = time.perf_counter()
     spec = load_spec(spec)
     _return_freed_memory()
@@ -205,6 +208,12 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     if out.exists() and not force:
         raise UpcycleError(f"{out}: output already exists; choose another path or pass --force (force=True) to replace it")
     mp = plan_on_meta(spec, model_path, config)
+    if not force_resources:
+        from .preflight import check_streaming, itemsize_of
+
+        src_dtype = dominant_float_dtype(mp.infos)
+        check_streaming(mp.plan, spec, mp.model, itemsize=itemsize_of(src_dtype),
+                        out_itemsize=itemsize_of(dtype or src_dtype), out=out, largest_file=max_shard_bytes)
     hf = _hf_plan(mp, spec, target) if fmt == "hf" else None
     src = Path(model_path)
     final = mp.model.state_dict(keep_vars=True)
@@ -240,6 +249,8 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     out_names = [t.name for t in outputs]
     tensors = tensor_accounting(list(mp.infos), mp.records, out_names,
                                 aliases={**{k: v for k, v in aliases.items()}, **dropped_alias}, where=str(src))
+    out_kwargs = dict(force=force, need_bytes=sum(t.nbytes for t in outputs) + FILES_OVERHEAD_BYTES,
+                      force_resources=force_resources, inputs=[src])
 
     builder = MoEBuilder(spec, mp.discovery, None, _NullProgress(), structure_only=False)
     reader = TensorReader(mp.infos)
@@ -271,8 +282,8 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     if hf is not None:
         with _one_core_for_io():
             return _write_hf(hf, spec, mp, src, out, outputs, tensors, moe_state, reader, bar, builder,
-                             max_shard_bytes, force, t0)
-    with atomic_output(out, force=force) as tmp, _one_core_for_io():
+                             max_shard_bytes, out_kwargs, t0)
+    with atomic_output(out, **out_kwargs) as tmp, _one_core_for_io():
         writer = writer_factory(tmp, outputs, max_shard_bytes, metadata={"upcycle_format": "1"})
         try:
             current, cache = None, {}
@@ -349,7 +360,7 @@ def _hf_plan(mp: MetaPlan, spec, target) -> _HFPlan:
 
 
 def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, tensors, moe_state, reader, bar,
-              builder, max_shard_bytes: int, force: bool, t0: float) -> StreamResult:
+              builder, max_shard_bytes: int, out_kwargs: dict, t0: float) -> StreamResult:
     from .export_hf import write_hf_folder
 
     dtypes = {t.name: t.dtype for t in outputs}
@@ -368,7 +379,7 @@ def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, te
                     yield n, v.to(dtypes[n])
                     del v
 
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, **out_kwargs) as tmp:
         try:
             files = write_hf_folder(tmp, hf.config, values(), outputs, max_shard_bytes, spec=spec,
                                     source_class=type(mp.model).__name__,
