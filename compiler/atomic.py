@@ -34,9 +34,10 @@ OUTPUT_MARKERS = ("upcycle.json", "upcycle_export.json")  # what an earlier outp
 @contextlib.contextmanager
 def held_interrupts():
     """Ctrl-C (SIGINT) and SIGTERM wait until the block is done, then act (main thread only: signal
-    handlers live there). Used around the few steps that must not stop half-way."""
+    handlers live there). Used around the few steps that must not stop half-way. Yields the list of
+    signals that arrived, so a block can undo what it did before the interruption acts."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield []
         return
     pending: list[int] = []
     previous = {}
@@ -46,7 +47,7 @@ def held_interrupts():
         except (ValueError, OSError):  # not settable here (embedded interpreters)
             pass
     try:
-        yield
+        yield pending
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -188,8 +189,14 @@ def atomic_output(out_dir, *, force: bool = False, need_bytes: int | None = None
             if p.is_file():
                 p.chmod(0o644)
         tmp.chmod(0o755)
-        with held_interrupts():
-            _replace(tmp, out)
+        with held_interrupts() as interrupted:
+            old = _replace(tmp, out)
+            if interrupted:  # Ctrl-C while renaming: undo, so an interrupted run leaves the previous state
+                os.replace(out, tmp)
+                if old is not None:
+                    os.replace(old / out.name, out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
         with held_interrupts():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -202,20 +209,21 @@ def atomic_output(out_dir, *, force: bool = False, need_bytes: int | None = None
         raise err from None
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename `tmp` onto `out`; an earlier output is moved aside first and deleted after."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(old / out.name, out)  # put the previous output back
-            shutil.rmtree(old, ignore_errors=True)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+def _replace(tmp: Path, out: Path) -> Path | None:
+    """Rename `tmp` onto `out`; an earlier output is first moved aside into a folder that is
+    returned (the caller deletes it, or puts it back)."""
+    if not out.exists():
         os.replace(tmp, out)
+        return None
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / out.name, out)  # put the previous output back
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    return old
 
 
 

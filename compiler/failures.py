@@ -53,6 +53,13 @@ def fail(prog: str, message: str, code: int, *, lines: bool = False) -> int:
     return code
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or torch's allocator failing (a RuntimeError "can't allocate memory", CUDA OOM)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc))
+
+
 def report(prog: str, exc: BaseException, *, debug: bool = False, what: str = "no output was written") -> int:
     """Print the line for `exc` and return the exit code (re-raise it with --debug, except interrupts)."""
     from upcycle.specs.errors import SpecError
@@ -68,7 +75,7 @@ def report(prog: str, exc: BaseException, *, debug: bool = False, what: str = "n
         raise exc
     if isinstance(exc, UpcycleError):
         return fail(prog, str(exc), EXIT_USER_ERROR, lines=isinstance(exc, SpecError))
-    if isinstance(exc, MemoryError):
+    if out_of_memory(exc):
         return fail(prog, "out of memory; the pre-flight estimate (--dry-run) shows what the work needs: try --stream, "
                           f"a smaller experts.expansion, or fewer --probe-tokens; {what}", EXIT_USER_ERROR)
     err = as_os_error(exc) if isinstance(exc, Exception) else None

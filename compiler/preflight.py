@@ -42,7 +42,9 @@ def plan_checkpoint(spec, model_path, config_path=None, out_dtype: torch.dtype |
     from .loading import check_tensors_against, meta_skeleton
     from .pipeline import analyse
     from .streaming import open_checkpoint
+    from upcycle.specs import load_spec
 
+    spec = load_spec(spec)
     src, config, infos = open_checkpoint(model_path, config_path)
     dtype = dominant_float_dtype(infos)
     model = meta_skeleton(config, dtype)

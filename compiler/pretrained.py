@@ -62,7 +62,8 @@ class _UpcycledMixin:
         # stores the dense class and marks the model again when it is rebuilt
         return _unpickle_upcycled, (self._upcycle_base, self.__getstate__())
 
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, force_resources: bool = False,
+                        **kwargs):
         if not is_main_process or kwargs.get("push_to_hub"):  # the hub upload names the repo after the folder
             result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
             if is_main_process:
@@ -71,6 +72,11 @@ class _UpcycledMixin:
             return result
         from .atomic import staged_into
 
+        if not force_resources:  # a full disk is refused before the first byte, not half-way
+            from .resources import FILES_OVERHEAD_BYTES, check_disk
+            from .saving import state_bytes
+
+            check_disk(state_bytes(self) + FILES_OVERHEAD_BYTES, save_directory)
         with staged_into(save_directory) as tmp:
             result = super().save_pretrained(str(tmp), *args, is_main_process=True, **kwargs)
             finish_folder(tmp, self._upcycle_spec, self._upcycle_base.__name__, self._upcycle_rewrites)

@@ -332,7 +332,7 @@ def streaming(w: Workload) -> Estimate:
     largest other tensor (an embedding, read and cast), and the per-layer check."""
     layer = 3 * w.largest_layer * max(w.itemsize, w.out_itemsize)
     dense = w.largest_mlp * w.itemsize
-    other = max(WRITER_QUEUE_BYTES, 2 * w.largest_other * max(w.itemsize, w.out_itemsize))
+    other = max(min(WRITER_QUEUE_BYTES, output_bytes(w)), 2 * w.largest_other * max(w.itemsize, w.out_itemsize))
     verify = _layer_check_bytes(w) if w.probe_tokens else 0
     return Estimate("streaming conversion", layer + dense + other + verify, output_bytes(w),
                     (("layer in flight", layer), ("its dense MLP", dense), ("write queue", other),
