@@ -348,7 +348,11 @@ class _BackgroundIO:
             kind = item[0]
             if kind in ("stop", "abort"):
                 if file is not None:
-                    file.close()
+                    try:  # closing flushes: a full disk can fail here too
+                        file.close()
+                    except OSError as e:
+                        if self._error is None and kind == "stop":
+                            self._error = e
                 self._hasher.shutdown()
                 self._syncer.shutdown()
                 return

@@ -64,12 +64,15 @@ def check_in_memory(mp: Preflight, out, *, streamable: bool = True) -> None:
         resources.check_disk(mp.in_memory.output, out)
 
 
-def check_streaming(plan, spec, model, *, itemsize: int, out_itemsize: int, out=None, largest_file: int | None = None) -> resources.Estimate:
-    """A streamed conversion (model: the rewritten meta model): memory in flight and disk space."""
+def check_streaming(plan, spec, model, *, itemsize: int, out_itemsize: int, out=None,
+                    max_shard_bytes: int | None = None) -> resources.Estimate:
+    """A streamed conversion (model: the rewritten meta model): memory in flight, disk space, and
+    the largest shard against the file-size limit."""
     est = resources.streaming(resources.workload(plan, spec, model, itemsize=itemsize, out_itemsize=out_itemsize))
     resources.check_memory(est)
     if out is not None:
-        resources.check_disk(est.output, Path(out), largest_file=largest_file)
+        largest = min(max_shard_bytes, est.output) if max_shard_bytes else est.output
+        resources.check_disk(est.output, Path(out), largest_file=largest)
     return est
 
 

@@ -213,7 +213,7 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
 
         src_dtype = dominant_float_dtype(mp.infos)
         check_streaming(mp.plan, spec, mp.model, itemsize=itemsize_of(src_dtype),
-                        out_itemsize=itemsize_of(dtype or src_dtype), out=out, largest_file=max_shard_bytes)
+                        out_itemsize=itemsize_of(dtype or src_dtype), out=out, max_shard_bytes=max_shard_bytes)
     hf = _hf_plan(mp, spec, target) if fmt == "hf" else None
     src = Path(model_path)
     final = mp.model.state_dict(keep_vars=True)
