@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +58,16 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     """The tensors a safetensors file declares, after checking the header against the file."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ModelError(f"{path}: is not a regular file (a device, pipe or socket?); expected a safetensors file")
+        size = st.st_size
+        with os.fdopen(fd, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise ModelError(f"{path}: truncated safetensors file ({size} bytes; a valid file starts with an 8-byte header length)")
@@ -123,6 +132,9 @@ def checkpoint_files(path: Path) -> list[Path]:
                              + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
                              + "; copy every shard listed in the index")
         return [path / f for f in files]
+    odd = [p for p in sorted(path.glob("*.safetensors")) if not p.is_file()]
+    if odd:
+        raise ModelError(f"{odd[0]}: is not a regular file (a pipe, device or a link to one?); expected safetensors weights")
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     return sorted(path.glob("*.safetensors"))

@@ -124,19 +124,19 @@ def _run(args) -> int:
     if args.output and not args.dry_run:  # the output's location, before any work
         from .atomic import check_not_input, check_replaceable, probe_writable
 
-        check_replaceable(Path(args.output), args.force)
         check_not_input(Path(args.output), [args.model, args.config])
+        check_replaceable(Path(args.output), args.force)
         probe_writable(args.output)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SpecWarning)
         spec = load_spec(args.spec)
     for w in caught:
         print(f"upcycle-compile: warning: {w.message}", file=sys.stderr)
-    if args.no_verify or args.probe_tokens:
+    if args.no_verify or args.probe_tokens is not None:
         verify = spec.verify
         if args.no_verify:
             verify = dataclasses.replace(verify, enabled=False)
-        if args.probe_tokens:
+        if args.probe_tokens is not None:
             if args.probe_tokens < 1:
                 return _fail("--probe-tokens must be >= 1", EXIT_USER_ERROR)
             verify = dataclasses.replace(verify, probe_tokens=args.probe_tokens)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .errors import ModelError, UpcycleError
+from .errors import ModelError, UpcycleError, brief
 from .failures import install_sigterm, report
 from .jsonfiles import read_json
 
@@ -49,8 +49,9 @@ def read_run_info(run_dir: Path) -> dict:
     return info
 
 
-def rebuild_run_model(run_dir: Path, info: dict | None = None) -> tuple[nn.Module, dict]:
-    """The run's upcycled model with its initial weights, and its resolved spec."""
+def rebuild_run_model(run_dir: Path, info: dict | None = None, *, force_resources: bool = False) -> tuple[nn.Module, dict]:
+    """The run's upcycled model with its initial weights, and its resolved spec (the memory it
+    needs checked first, on the meta device: preflight.check_rebuild)."""
     run_dir = Path(run_dir)
     info = info if info is not None else read_run_info(run_dir)
     source = info.get("source", {})
@@ -59,7 +60,7 @@ def rebuild_run_model(run_dir: Path, info: dict | None = None) -> tuple[nn.Modul
         from upcycle.specs import load_spec
 
         path = Path(source["path"])
-        return load(path), load_spec(path / "upcycle_spec.yaml").to_dict()
+        return load(path, force_resources=force_resources), load_spec(path / "upcycle_spec.yaml").to_dict()
     from transformers import AutoConfig
 
     from .loading import build_transformers_skeleton
@@ -69,8 +70,11 @@ def rebuild_run_model(run_dir: Path, info: dict | None = None) -> tuple[nn.Modul
     try:
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     except Exception as exc:
-        raise ModelError(f"{run_dir / 'run.json'}: dense_config is not a transformers config ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise ModelError(f"{run_dir / 'run.json'}: dense_config is not a transformers config ({brief(exc)})") from None
+    if not force_resources:
+        from .preflight import check_rebuild
+
+        check_rebuild(config, info["spec"])
     dense = build_transformers_skeleton(config)
     return upcycle_model(dense, info["spec"], structure_only=True).model, info["spec"]
 
@@ -91,8 +95,7 @@ def _load_weights(ckpt: Path, model: nn.Module) -> None:
         err = as_os_error(exc)
         if err is not None:
             raise ModelError(describe(err, err.filename or ckpt, doing="reading the checkpoint")) from None
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
-        raise ModelError(f"{ckpt}: cannot load the model weights from this checkpoint ({type(exc).__name__}: {first}); "
+        raise ModelError(f"{ckpt}: cannot load the model weights from this checkpoint ({brief(exc, 300)}); "
                          "is it from this run?") from None
 
 
@@ -109,14 +112,14 @@ def export_run(run_dir, out, *, fmt: str = "native", step: int | None = None, fo
     from .atomic import check_not_input, check_replaceable, probe_writable
 
     run_dir = Path(run_dir)
-    check_replaceable(Path(out), force)  # the output's location first: before minutes of loading
-    check_not_input(Path(out), [run_dir])
+    check_not_input(Path(out), [run_dir])  # the output's location first: before minutes of loading
+    check_replaceable(Path(out), force)
     probe_writable(out)
     ckpt = latest_checkpoint(run_dir) if step is None else run_dir / "checkpoints" / f"step-{step:06d}"
     if ckpt is None or not (ckpt / ".metadata").is_file():
         raise UpcycleError(f"{run_dir}: no complete checkpoint{'' if step is None else f' for step {step}'} under checkpoints/")
     info = read_run_info(run_dir)
-    model, spec = rebuild_run_model(run_dir, info)
+    model, spec = rebuild_run_model(run_dir, info, force_resources=force_resources)
     _load_weights(ckpt, model)
     relax_at = info.get("relax_routing_step")
     if relax_at is not None and int(ckpt.name.split("-")[-1]) > relax_at:
@@ -148,7 +151,8 @@ def main(argv=None) -> int:
     ap.add_argument("--format", default="native", choices=["native", "hf"])
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     ap.add_argument("--force", action="store_true", help="replace an existing output folder (an earlier export)")
-    ap.add_argument("--force-resources", action="store_true", help="write even if the output's disk space looks too small")
+    ap.add_argument("--force-resources", action="store_true",
+                    help="go ahead even if the pre-flight estimate of memory or disk space says it will not fit")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
     try:

@@ -48,8 +48,14 @@ def printable(text: str, *, lines: bool = False) -> str:
     return "".join(out)
 
 
+MAX_LINE = 2000  # a hostile name (a 50 MB tensor name) must not become a 50 MB line
+
+
 def fail(prog: str, message: str, code: int, *, lines: bool = False) -> int:
-    print(f"{prog}: error: {printable(message, lines=lines)}", file=sys.stderr)
+    text = printable(message, lines=lines)
+    if len(text) > MAX_LINE and not lines:
+        text = text[:MAX_LINE] + "..."
+    print(f"{prog}: error: {text}", file=sys.stderr)
     return code
 
 
@@ -81,8 +87,9 @@ def report(prog: str, exc: BaseException, *, debug: bool = False, what: str = "n
     err = as_os_error(exc) if isinstance(exc, Exception) else None
     if err is not None:
         return fail(prog, f"{describe(err)}; {what}", EXIT_USER_ERROR)
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return fail(prog, f"internal error ({type(exc).__name__}: {first}); re-run with --debug for the traceback",
+    from .errors import brief
+
+    return fail(prog, f"internal error ({brief(exc, 500)}); re-run with --debug for the traceback",
                 EXIT_INTERNAL_ERROR)
 
 

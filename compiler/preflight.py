@@ -86,4 +86,24 @@ def check_loaded(plan, spec, model) -> resources.Estimate:
     return est
 
 
-__all__ = ["Preflight", "plan_checkpoint", "check_in_memory", "check_streaming", "check_loaded", "itemsize_of"]
+def check_rebuild(config, spec) -> resources.Estimate:
+    """upcycle-export-run rebuilds a run's model from its run.json config (fp32), then DCP reads
+    the weights into it: the dense skeleton, the upcycled model and DCP's read buffers (one more
+    copy of the weights) must fit. Planned on meta: a config of 7B parameters is refused here."""
+    from upcycle.specs import load_spec
+
+    from .loading import meta_skeleton
+    from .pipeline import analyse
+
+    spec = load_spec(spec)
+    model = meta_skeleton(config, torch.float32)
+    plan = analyse(model, spec)[2]
+    dense, after = plan.params_before * 4, plan.params_after * 4
+    est = resources.Estimate("rebuild of the run's model", dense + 2 * after, 0,
+                             (("dense skeleton", dense), ("upcycled model", after), ("checkpoint read buffers", after)))
+    resources.check_memory(est)
+    return est
+
+
+__all__ = ["Preflight", "plan_checkpoint", "check_in_memory", "check_streaming", "check_loaded", "check_rebuild",
+           "itemsize_of"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .errors import ModelError
+from .errors import ModelError, brief
 from .jsonfiles import read_json
 
 MODEL_TYPE = "upcycle"
@@ -114,7 +114,7 @@ def load_base_config(folder: Path):
         return tf.AutoConfig.for_model(model_type, **d)
     except Exception as exc:
         raise ModelError(f"{folder / 'config.json'}: cannot read as a transformers config (model_type "
-                         f"{model_type!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+                         f"{model_type!r}: {brief(exc)})") from None
 
 
 def finish_folder(folder: Path, spec, model_class: str, rewrites: list) -> None:

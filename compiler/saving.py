@@ -18,7 +18,7 @@ from safetensors.torch import save_model as st_save_model
 from upcycle.specs import dump_spec, load_spec
 
 from .atomic import atomic_output  # noqa: F401  (re-exported: streaming and export_hf import it from here)
-from .errors import ModelError
+from .errors import ModelError, brief
 from .integrity import plain_name, sha256_file, verify_folder
 from .jsonfiles import read_json
 from .loading import LoadedModel, build_transformers_skeleton, load_export, source_files, tied_groups
@@ -272,7 +272,7 @@ def load_into(dense_model: nn.Module, path, *, spec=None, verify: bool = True) -
         try:
             sd = load_file(str(f))
         except Exception as exc:  # safetensors' own checks (overlapping offsets, ...)
-            raise ModelError(f"{f}: cannot read safetensors ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise ModelError(f"{f}: cannot read safetensors ({brief(exc)})") from None
         unexpected += [k for k in sd if k not in expected]
         try:
             model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)

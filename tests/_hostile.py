@@ -3,6 +3,7 @@ refusal must pass (exit code, one line, no traceback, nothing at -o, input uncha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,6 +12,25 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def address_space_cap(headroom: int = 4 << 30):
+    """If a pre-flight check ever let a huge job through, it must die of an allocation error in the
+    test, not take the machine (and other people's processes) down with it: the address space is
+    capped at what the process holds plus `headroom` while the block runs."""
+    import resource
+
+    used = 0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            used = int(line.split()[1]) * 1024
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (used + headroom, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, old)
 
 
 def llama_config(**kw):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _hostile import check_refusal, cli, entries, llama_config, llama_dir, snapshot  # noqa: E402
+from _hostile import address_space_cap, check_refusal, cli, entries, llama_config, llama_dir, snapshot  # noqa: E402
 
 import upcycle  # noqa: E402
 from upcycle.compiler import resources  # noqa: E402
@@ -29,20 +29,8 @@ def model(tmp_path_factory):
 
 @pytest.fixture
 def address_space_guard():
-    """If the pre-flight ever let the huge job through, it must die of MemoryError here, not take the
-    machine down: the address space is capped at what the process holds plus 4 GB while the test runs."""
-    import resource
-
-    used = 0
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            used = int(line.split()[1]) * 1024
-    old = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (used + (4 << 30), old[1]))
-    try:
+    with address_space_cap():
         yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, old)
 
 
 @pytest.fixture
