@@ -1,6 +1,6 @@
 """How good are the pre-flight estimates, and what does the integrity check cost on load?
 
-    python benchmarks/preflight.py [--hidden 512 --layers 8 --spec e4g1t2]
+    python benchmarks/preflight.py [--hidden 512 --layers 6 --spec e8g1t2]
 
 For a synthetic Llama saved to a temp folder, each conversion (in memory, streamed) runs in a fresh
 child process that first imports everything, then resets its peak-RSS counter (/proc/self/clear_refs)
@@ -34,6 +34,22 @@ def rss(field):
             return int(line.split()[1]) * 1024
 
 spec, model, out, mode = sys.argv[1:5]
+if mode == "load":  # `model` is an output folder here
+    from upcycle.compiler import saving
+    from upcycle.compiler.pretrained import load_base_config
+
+    folder = Path(model)
+    config = load_base_config(folder)
+    sizes = [f.stat().st_size for f in saving.weight_files(folder)]
+    est = resources.loading(saving._dense_bytes(config, saving._config_dtype(config)), sum(sizes), max(sizes))
+    upcycle.load(folder, verify=False)  # imports and class resolution out of the measurement
+    Path("/proc/self/clear_refs").write_text("5")
+    before = rss("VmRSS")
+    t0 = time.perf_counter()
+    upcycle.load(folder)
+    print(json.dumps({"mode": mode, "estimate": est.memory, "measured": rss("VmHWM") - before,
+                      "seconds": time.perf_counter() - t0}))
+    sys.exit(0)
 flags = ["--stream"] if mode == "streaming" else []
 cli.run([spec, model, "--dry-run", *flags])  # imports, class resolution and the plan: out of the measurement
 pre = preflight.plan_checkpoint(spec, model)
@@ -52,9 +68,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--intermediate", type=int, default=1408)
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--spec", default="e4g1t2")
+    ap.add_argument("--spec", default="e8g1t2")
     args = ap.parse_args()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -68,10 +84,13 @@ def main() -> None:
         LlamaForCausalLM(cfg).save_pretrained(d / "dense")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
         runs = []
-        for mode in ("in memory", "streaming"):
+        for mode in ("in memory", "streaming", "load"):
             out = d / mode.replace(" ", "-")
-            r = subprocess.run([sys.executable, "-c", CHILD, args.spec, str(d / "dense"), str(out), mode],
-                               capture_output=True, text=True, env=env, check=True)
+            src = d / "in-memory" if mode == "load" else d / "dense"
+            r = subprocess.run([sys.executable, "-c", CHILD, args.spec, str(src), str(out), mode],
+                               capture_output=True, text=True, env=env)
+            if r.returncode:
+                sys.exit(f"{mode}: {r.stderr[-3000:]}")
             row = json.loads(r.stdout.strip().splitlines()[-1])
             row["ratio"] = row["estimate"] / max(row["measured"], 1)
             runs.append(row)

@@ -139,19 +139,31 @@ def remove_created(created: list[Path]) -> None:
             pass  # not empty (someone else wrote there) or already gone: leave it
 
 
-def probe_writable(out) -> None:
-    """Fail now, not after the conversion, if the output cannot be written: creates and removes a
-    temp folder where the output will go (parents included)."""
-    out = Path(out)
+def _make_temp(out: Path, kind: str = "tmp") -> tuple[Path, list[Path]]:
+    """A temp folder beside `out`, parents created as needed: (the folder, the parents created)."""
     with held_interrupts():
         created = make_parents(out.parent)
         try:
-            tmp = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent)
-            os.rmdir(tmp)
+            return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-", dir=out.parent)), created
         except OSError as exc:
-            raise OutputError(describe(exc, out.parent, doing="creating the output folder"), exc.errno, str(out)) from None
-        finally:
             remove_created(created)
+            raise OutputError(describe(exc, out.parent, doing="creating the output folder"), exc.errno, str(out)) from None
+
+
+def _output_error_for(exc: BaseException, tmp: Path, out: Path, note: str) -> OutputError | None:
+    """The OutputError to raise instead of `exc` (an OS failure inside the block), or None: re-raise."""
+    if isinstance(exc, UpcycleError) or not isinstance(exc, Exception):
+        return None
+    return output_error(exc, _shown(getattr(exc, "filename", None) or "", tmp, out), note=note)
+
+
+def probe_writable(out) -> None:
+    """Fail now, not after the conversion, if the output cannot be written: creates and removes a
+    temp folder where the output will go (parents included)."""
+    tmp, created = _make_temp(Path(out), "probe")
+    with held_interrupts():
+        os.rmdir(tmp)
+        remove_created(created)
 
 
 def _shown(path: str, tmp: Path, out: Path) -> str:
@@ -172,13 +184,7 @@ def atomic_output(out_dir, *, force: bool = False, need_bytes: int | None = None
     out = Path(out_dir)
     check_not_input(out, inputs)
     check_replaceable(out, force)
-    with held_interrupts():
-        created = make_parents(out.parent)
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        except OSError as exc:
-            remove_created(created)
-            raise OutputError(describe(exc, out.parent, doing="creating the output folder"), exc.errno, str(out)) from None
+    tmp, created = _make_temp(out)
     try:
         if need_bytes is not None and not force_resources:
             from .resources import check_disk
@@ -201,9 +207,7 @@ def atomic_output(out_dir, *, force: bool = False, need_bytes: int | None = None
         with held_interrupts():
             shutil.rmtree(tmp, ignore_errors=True)
             remove_created(created)
-        if isinstance(exc, UpcycleError) or not isinstance(exc, Exception):
-            raise
-        err = output_error(exc, _shown(getattr(exc, "filename", None) or "", tmp, out), note="nothing was written")
+        err = _output_error_for(exc, tmp, out, "nothing was written")
         if err is None:
             raise
         raise err from None
@@ -226,8 +230,6 @@ def _replace(tmp: Path, out: Path) -> Path | None:
     return old
 
 
-
-
 WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")  # what transformers' save_pretrained writes
 
 
@@ -240,13 +242,7 @@ def staged_into(folder):
     folder = Path(folder)
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise OutputError(f"{folder}: is a file or a symlink, not a folder; choose another save_directory", 20, str(folder))
-    with held_interrupts():
-        created = make_parents(folder.parent)
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        except OSError as exc:
-            remove_created(created)
-            raise OutputError(describe(exc, folder.parent, doing="creating the output folder"), exc.errno, str(folder)) from None
+    tmp, created = _make_temp(folder)
     made_folder = False
     try:
         yield tmp
@@ -270,9 +266,7 @@ def staged_into(folder):
             if made_folder:
                 shutil.rmtree(folder, ignore_errors=True)
             remove_created(created)
-        if isinstance(exc, UpcycleError) or not isinstance(exc, Exception):
-            raise
-        err = output_error(exc, _shown(getattr(exc, "filename", None) or "", tmp, folder), note="the folder is unchanged")
+        err = _output_error_for(exc, tmp, folder, "the folder is unchanged")
         if err is None:
             raise
         raise err from None

@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .failures import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, fail, install_sigterm, report  # noqa: F401
+from .failures import EXIT_USER_ERROR, fail, install_sigterm, report
 
 
 def build_parser() -> argparse.ArgumentParser:

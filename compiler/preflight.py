@@ -38,18 +38,13 @@ class Preflight:
 
 def plan_checkpoint(spec, model_path, config_path=None, out_dtype: torch.dtype | None = None) -> Preflight:
     """Analyse the checkpoint's model on the meta device (no memory, no weights read)."""
-    from .checkpoint import dominant_float_dtype
-    from .loading import check_tensors_against, meta_skeleton
-    from .pipeline import analyse
-    from .streaming import open_checkpoint
     from upcycle.specs import load_spec
 
+    from .streaming import analyse_on_meta
+
     spec = load_spec(spec)
-    src, config, infos = open_checkpoint(model_path, config_path)
-    dtype = dominant_float_dtype(infos)
-    model = meta_skeleton(config, dtype)
-    check_tensors_against(model, {n: (i.shape, i.dtype) for n, i in infos.items()}, src)
-    discovery, _, plan = analyse(model, spec)
+    _, _, model, discovery, _, plan = analyse_on_meta(spec, model_path, config_path)
+    dtype = next(iter(model.parameters())).dtype
     w = resources.workload(plan, spec, model, itemsize=itemsize_of(dtype), out_itemsize=itemsize_of(out_dtype or dtype))
     return Preflight(plan, discovery, resources.in_memory(w), resources.streaming(w))
 

@@ -114,13 +114,18 @@ def open_checkpoint(model_path, config_path=None):
     return src, config, infos
 
 
+def analyse_on_meta(spec, model_path, config_path=None):
+    """The checkpoint's model built on the meta device from its config, checked against the headers,
+    and analysed: (config, checkpoint infos, meta model, discovery, selection, plan)."""
+    src, config, infos = open_checkpoint(model_path, config_path)
+    model = meta_skeleton(config, dominant_float_dtype(infos))
+    check_tensors_against(model, {n: (i.shape, i.dtype) for n, i in infos.items()}, src)
+    return (config, infos, model, *analyse(model, spec))
+
+
 def plan_on_meta(spec, model_path, config_path=None) -> MetaPlan:
     spec = load_spec(spec)
-    src, config, infos = open_checkpoint(model_path, config_path)
-    dtype = dominant_float_dtype(infos)
-    model = meta_skeleton(config, dtype)
-    check_tensors_against(model, {n: (i.shape, i.dtype) for n, i in infos.items()}, src)
-    discovery, selection, plan = analyse(model, spec)
+    config, infos, model, discovery, selection, plan = analyse_on_meta(spec, model_path, config_path)
     targets = {f.key: f.rewrite_unit for f in discovery.mlps if selection[f.index] == ""}
     recorder = _Recorder(spec, discovery)
     model, records = rewrite_mlps(model, targets, recorder)

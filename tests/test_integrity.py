@@ -141,21 +141,21 @@ def test_trainer_files_beside_a_save_pretrained_are_ignored(outputs, tmp_path):
     assert isinstance(upcycle.load(folder).model.layers[1].mlp, MoELayer)
 
 
-def test_hash_speed_is_at_least_disk_speed_class(tmp_path):
-    """The check is cheap: sha256 with read-ahead hashes a 64 MB file at over 200 MB/s here."""
+def test_hashing_is_cheap(tmp_path):
+    """The check costs little: sha256 with read-ahead hashes over 200 MB per CPU-second (measured in
+    CPU time, so a busy machine does not fail it; 1.3-1.8 GB/s on an idle core here)."""
+    import hashlib
     import time
 
     from upcycle.runtime.checksums import sha256_file
 
     f = tmp_path / "big"
     f.write_bytes(torch.randint(0, 255, (64 << 20,), dtype=torch.uint8).numpy().tobytes())
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     size, digest = sha256_file(f)
-    seconds = time.perf_counter() - t0
-    import hashlib
-
+    cpu = time.process_time() - t0
     assert size == 64 << 20 and digest == hashlib.sha256(f.read_bytes()).hexdigest()
-    assert size / seconds > 200e6, f"{size / seconds / 1e6:.0f} MB/s"
+    assert size / cpu > 200e6, f"{size / cpu / 1e6:.0f} MB per CPU-second"
 
 
 # ---- upcycle-export-run inputs -------------------------------------------------------------------
