@@ -93,7 +93,8 @@ def check_refusal(rc: int, err: str, *, needle: str | list = (), prog: str = "up
     return lines[0]
 
 
-def cli(args, *, env: dict | None = None, module: str = "upcycle.compiler.cli", timeout: int = 300, **kw):
+def cli(args, *, env: dict | None = None, module: str = "upcycle.compiler.cli", timeout: int = 1800, **kw):
+    # (generous: on a machine shared with training jobs a fresh interpreter importing torch can take minutes)
     """upcycle-compile (or `module`) in a fresh process; the CompletedProcess."""
     full = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1",
             **(env or {})}

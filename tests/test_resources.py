@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _hostile import address_space_cap, check_refusal, cli, entries, llama_config, llama_dir, snapshot  # noqa: E402
+from _hostile import address_space_cap, check_refusal, entries, llama_config, llama_dir, snapshot  # noqa: E402
 
 import upcycle  # noqa: E402
 from upcycle.compiler import resources  # noqa: E402
@@ -256,9 +256,9 @@ def test_budget_env_is_a_cap_and_checked(monkeypatch):
         resources.available_memory()
 
 
-def test_bad_budget_env_is_one_line(model, tmp_path):
-    r = cli(["e8g1t2", model, "-o", tmp_path / "o"], env={resources.ENV_DISK: "-5GB"})
-    check_refusal(r.returncode, r.stderr, needle="UPCYCLE_DISK_BUDGET '-5GB'", out=tmp_path / "o")
+def test_bad_budget_env_is_one_line(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(resources.ENV_DISK, "-5GB")
+    _refused(capsys, tmp_path, ["e8g1t2", str(model)], "UPCYCLE_DISK_BUDGET '-5GB'")
 
 
 def test_estimates_scale_with_expansion(model):
