@@ -15,17 +15,23 @@ if __name__ != "upcycle":
 
     _sys.modules[__name__] = _importlib.import_module("upcycle")
 else:
-    from .runtime import (MoEConfig, MoELayer, aux_loss, read_router_stats, relax_routing, set_aux_loss_scale,
-                          update_expert_bias)
-
     __version__ = "0.1.0"
 
-    def __getattr__(name):
-        # The compiler pulls in FX/networkx; keep `import upcycle.runtime` light for training jobs.
-        if name in ("compile_upcycle", "load", "save", "UpcycleError", "plan_upcycle"):
-            from . import compiler
+    _RUNTIME = ("MoEConfig", "MoELayer", "aux_loss", "read_router_stats", "relax_routing", "set_aux_loss_scale",
+                "update_expert_bias")
 
-            return getattr(compiler, name)
+    def __getattr__(name):
+        # Everything is imported on first use: the compiler pulls in FX/networkx (keep `import
+        # upcycle.runtime` light for training jobs), and the runtime torch, which the CLIs import
+        # only once they can report a Ctrl-C in one line (compiler/failures.py).
+        import importlib
+
+        if name in ("compile_upcycle", "load", "save", "UpcycleError", "plan_upcycle"):
+            return getattr(importlib.import_module(".compiler", __name__), name)
+        if name in _RUNTIME:
+            return getattr(importlib.import_module(".runtime", __name__), name)
+        if name in ("runtime", "compiler", "passes", "specs"):
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module 'upcycle' has no attribute {name!r}")
 
     __all__ = ["compile_upcycle", "load", "save", "plan_upcycle", "UpcycleError", "MoEConfig", "MoELayer",

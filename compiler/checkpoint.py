@@ -16,13 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from upcycle.specs.errors import show_value
+
 from .errors import ModelError
+from .integrity import plain_name
+from .jsonfiles import parse_json, read_json
 
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -53,8 +58,16 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     """The tensors a safetensors file declares, after checking the header against the file."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ModelError(f"{path}: is not a regular file (a device, pipe or socket?); expected a safetensors file")
+        size = st.st_size
+        with os.fdopen(fd, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise ModelError(f"{path}: truncated safetensors file ({size} bytes; a valid file starts with an 8-byte header length)")
@@ -66,20 +79,24 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     except OSError as exc:
         raise ModelError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ModelError(f"{path}: corrupt safetensors header ({exc}); the file is not a valid safetensors checkpoint") from None
+        header = parse_json(raw, path, what="safetensors header")
+    except ModelError as exc:
+        why = str(exc)[len(str(path)) + 2:]
+        raise ModelError(f"{path}: corrupt safetensors header ({why}); the file is not a valid safetensors checkpoint") from None
     data_bytes = size - 8 - n
     out = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not isinstance(dtype, str) or not isinstance(shape, list) or not all(
+                    type(v) is int and v >= 0 for v in (*shape, start, end)) or start > end:
+                raise ValueError
+            shape = tuple(shape)
         except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{path}: corrupt safetensors header entry for {name!r}: {entry!r}") from None
+            raise ModelError(f"{path}: corrupt safetensors header entry for {show_value(name)}: {show_value(entry)} "
+                             "(expected dtype, a shape of non-negative integers and two data offsets)") from None
         if dtype not in ST_DTYPES:
             raise ModelError(f"{path}: tensor {name!r} has dtype {dtype}, which this tool cannot read "
                              f"(supported: {', '.join(sorted(ST_DTYPES))})")
@@ -104,18 +121,20 @@ def checkpoint_files(path: Path) -> list[Path]:
         return [path]
     index = path / INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        weight_map = read_json(index, what="safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ModelError(f"{index}: not a valid safetensors index (needs a JSON object with a `weight_map` "
-                             f"of tensor name -> shard file): {exc}") from None
+                             "of tensor name -> shard file)")
+        files = sorted({plain_name(v, index) for v in weight_map.values()})
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise ModelError(f"{index}: names shard {missing[0]!r}, which is not in {path}"
                              + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
                              + "; copy every shard listed in the index")
         return [path / f for f in files]
+    odd = [p for p in sorted(path.glob("*.safetensors")) if not p.is_file()]
+    if odd:
+        raise ModelError(f"{odd[0]}: is not a regular file (a pipe, device or a link to one?); expected safetensors weights")
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     return sorted(path.glob("*.safetensors"))
@@ -341,7 +360,11 @@ class _BackgroundIO:
             kind = item[0]
             if kind in ("stop", "abort"):
                 if file is not None:
-                    file.close()
+                    try:  # closing flushes: a full disk can fail here too
+                        file.close()
+                    except OSError as e:
+                        if self._error is None and kind == "stop":
+                            self._error = e
                 self._hasher.shutdown()
                 self._syncer.shutdown()
                 return

@@ -1,21 +1,23 @@
 """`upcycle-compile SPEC MODEL -o OUT`: the command-line face of compile_upcycle.
 
-User mistakes (bad spec, unreadable model, existing output) print one line and exit 2; a bug
-prints one line too, unless --debug asks for the traceback.
+User mistakes and the environment (bad spec, unreadable model, existing output, too little memory
+or disk, a full disk half-way) print one line and exit 2; Ctrl-C exits 130 leaving nothing
+behind; a bug prints one line too (exit 1), unless --debug asks for the traceback
+(compiler/failures.py). Before any work: the output location is checked (atomic.probe_writable),
+and the plan's memory and disk needs against what is available (preflight.py).
+
+torch is imported inside `run`, not at import time, so that even an interruption while it loads
+ends with one line and exit 130.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 import warnings
 from pathlib import Path
 
-import torch
-
-EXIT_USER_ERROR = 2
-EXIT_INTERNAL_ERROR = 1
+from .failures import EXIT_USER_ERROR, fail, install_sigterm, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,17 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain-text file, tokenized with the model's own tokenizer: the probe for per-layer "
                         "verification and k-means router init, and the perplexity before/after in the report "
                         "(--probe-tokens tokens of it, default 256)")
+    p.add_argument("--force-resources", action="store_true",
+                   help="go ahead even if the pre-flight estimate of memory or disk space says it will not fit")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--print-schema", action="store_true", help="print the spec's JSON Schema (for editors) and exit")
     return p
 
 
+PROG = "upcycle-compile"
+
+
 def _fail(message: str, code: int) -> int:
-    print(f"upcycle-compile: error: {message}", file=sys.stderr)
-    return code
+    return fail(PROG, message, code)
 
 
-OUT_DTYPES = {"source": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+def out_dtypes() -> dict:
+    import torch
+
+    return {"source": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _bars(args) -> bool:
@@ -85,19 +94,28 @@ def cast_output(model, dtype) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
+    """The CLI; returns the exit code. Every failure, Ctrl-C included, ends in one line (failures.report)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (Exception, KeyboardInterrupt) as exc:
+        return report(PROG, exc, debug=args.debug)
+
+
+def _run(args) -> int:
     import dataclasses
 
     from upcycle.specs import load_spec
     from upcycle.specs.errors import SpecWarning
 
-    from .errors import UpcycleError
+    from . import resources
     from .loading import load_model
     from .pipeline import analyse, upcycle_model
     from .plan import render_plan
     from .saving import save
+    from .streaming import plan_on_meta, safetensors_input, stream_upcycle
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     if args.print_schema:
         from upcycle.specs.json_schema import dumps
 
@@ -114,146 +132,144 @@ def run(argv: list[str] | None = None) -> int:
             pass
     if not args.dry_run and not args.output:
         return _fail("give an output folder with -o OUT (or use --dry-run to only see the plan)", EXIT_USER_ERROR)
-    if args.output and Path(args.output).exists() and not args.force and not args.dry_run:
-        return _fail(f"{args.output}: output already exists; choose another path or pass --force", EXIT_USER_ERROR)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", SpecWarning)
-            spec = load_spec(args.spec)
-        for w in caught:
-            print(f"upcycle-compile: warning: {w.message}", file=sys.stderr)
-        if args.no_verify or args.probe_tokens:
-            verify = spec.verify
-            if args.no_verify:
-                verify = dataclasses.replace(verify, enabled=False)
-            if args.probe_tokens:
-                if args.probe_tokens < 1:
-                    return _fail("--probe-tokens must be >= 1", EXIT_USER_ERROR)
-                verify = dataclasses.replace(verify, probe_tokens=args.probe_tokens)
-            spec = dataclasses.replace(spec, verify=verify)
-        from .streaming import plan_on_meta, safetensors_input, stream_upcycle
+    if args.output and not args.dry_run:  # the output's location, before any work
+        from .atomic import check_not_input, check_replaceable, probe_writable
 
-        if args.target and args.format == "native":
-            return _fail(f"--target {args.target} is a transformers format; drop --format native", EXIT_USER_ERROR)
-        fmt = args.format or ("hf" if args.target else "native")
-        text = None
-        if args.calibration and not args.dry_run:
-            from .calibration import read_calibration
+        check_not_input(Path(args.output), [args.model, args.config])
+        check_replaceable(Path(args.output), args.force)
+        probe_writable(args.output)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SpecWarning)
+        spec = load_spec(args.spec)
+    for w in caught:
+        print(f"upcycle-compile: warning: {w.message}", file=sys.stderr)
+    if args.no_verify or args.probe_tokens is not None:
+        verify = spec.verify
+        if args.no_verify:
+            verify = dataclasses.replace(verify, enabled=False)
+        if args.probe_tokens is not None:
+            if args.probe_tokens < 1:
+                return _fail("--probe-tokens must be >= 1", EXIT_USER_ERROR)
+            verify = dataclasses.replace(verify, probe_tokens=args.probe_tokens)
+        spec = dataclasses.replace(spec, verify=verify)
+    dtypes = out_dtypes()
+    shard = resources.parse_size(args.max_shard_size, "--max-shard-size")
+    if args.target and args.format == "native":
+        return _fail(f"--target {args.target} is a transformers format; drop --format native", EXIT_USER_ERROR)
+    fmt = args.format or ("hf" if args.target else "native")
+    text = None
+    if args.calibration and not args.dry_run:
+        from .calibration import read_calibration
 
-            text = read_calibration(args.calibration)
-        # the fast path by default: stream every safetensors input (bounded memory, same output)
-        streaming = args.stream or (not args.no_stream and safetensors_input(args.model))
-        if streaming:
-            if not Path(args.model).exists() or not safetensors_input(args.model):
-                return _fail(f"{args.model}: --stream needs a safetensors checkpoint (a transformers directory or a "
-                             ".safetensors file with config.json)", EXIT_USER_ERROR)
-            if args.dry_run or args.explain:
-                mp = plan_on_meta(spec, args.model, args.config)
-                if args.explain:
-                    print(explain(mp.discovery))
-                print(render_plan(mp.plan, spec, explain=args.explain))
-                if args.dry_run:
-                    return 0
-            shard = _parse_size(args.max_shard_size)
-            common = dict(config=args.config, force=args.force, max_shard_bytes=shard, progress=_bars(args),
-                          dtype=OUT_DTYPES[args.dtype], calibration=text, calibration_name=_calib_name(args))
-            hf_error = None
-            if fmt == "hf":
-                from .export_hf import ExportError
-
-                try:  # refused (no transformers MoE format) before anything is written
-                    result = stream_upcycle(spec, args.model, args.output, fmt="hf", target=args.target, **common)
-                    print(result.report.to_text())
-                    print(f"wrote {result.out} (transformers format; streamed {result.input_bytes / 1e9:.2f} GB -> "
-                          f"{result.output_bytes / 1e9:.2f} GB in {result.seconds:.1f} s)")
-                    return 0
-                except ExportError as exc:
-                    hf_error = str(exc)
-            result = stream_upcycle(spec, args.model, args.output, **common)
-            print(result.report.to_text())
-            print(f"wrote {result.out} (streamed {result.input_bytes / 1e9:.2f} GB -> {result.output_bytes / 1e9:.2f} GB "
-                  f"in {result.seconds:.1f} s)")
-            if hf_error:
-                return _fail(f"--format hf: {hf_error}; wrote the native format to {result.out} instead", EXIT_USER_ERROR)
-            return 0
-        loaded = load_model(args.model, trust_pickle=args.trust_pickle, config=args.config)
+        text = read_calibration(args.calibration)
+    is_safetensors = safetensors_input(args.model)
+    # the fast path by default: stream every safetensors input (bounded memory, same output)
+    streaming = args.stream or (not args.no_stream and is_safetensors)
+    if streaming:
+        if not Path(args.model).exists() or not is_safetensors:
+            return _fail(f"{args.model}: --stream needs a safetensors checkpoint (a transformers directory or a "
+                         ".safetensors file with config.json)", EXIT_USER_ERROR)
         if args.dry_run or args.explain:
-            discovery, _, plan = analyse(loaded.model, spec)
+            mp = plan_on_meta(spec, args.model, args.config)
             if args.explain:
-                print(explain(discovery))
-            print(render_plan(plan, spec, explain=args.explain))
+                print(explain(mp.discovery))
+            print(render_plan(mp.plan, spec, explain=args.explain))
+            size = next(iter(mp.model.parameters())).element_size()
+            w = resources.workload(mp.plan, spec, mp.model, itemsize=size, out_itemsize=_itemsize(dtypes[args.dtype], size))
+            print(resources.describe(resources.streaming(w), args.output))
             if args.dry_run:
                 return 0
-        example = loaded.example_inputs
-        calib = {}
-        if text is not None:
-            from .calibration import load_tokenizer
-
-            calib = dict(calibration=text, tokenizer=load_tokenizer(args.model, args.config),
-                         calibration_name=_calib_name(args))
-            example = None
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = upcycle_model(loaded.model, spec, example_inputs=_as_probe(example), progress=_bars(args), **calib)
-        if OUT_DTYPES[args.dtype] is not None:  # after verification, which ran in the source dtype
-            cast_output(result.model, OUT_DTYPES[args.dtype])
-        for w in caught:
-            if issubclass(w.category, (UserWarning,)) and "upcycle" in str(w.filename):
-                print(f"upcycle-compile: warning: {w.message}", file=sys.stderr)
-        print(result.report.to_text())
+        common = dict(config=args.config, force=args.force, max_shard_bytes=shard, progress=_bars(args),
+                      dtype=dtypes[args.dtype], force_resources=args.force_resources, calibration=text,
+                      calibration_name=_calib_name(args))
         hf_error = None
         if fmt == "hf":
-            from .export_hf import ExportError, export_hf
+            from .export_hf import ExportError
 
-            try:
-                out = export_hf(result.model, args.output, spec=spec, report=result.report, force=args.force,
-                                files=loaded.extra_files or {}, target=args.target)
-                print(f"wrote {out} (transformers format)")
+            try:  # refused (no transformers MoE format) before anything is written
+                result = stream_upcycle(spec, args.model, args.output, fmt="hf", target=args.target, **common)
+                print(result.report.to_text())
+                print(f"wrote {result.out} (transformers format; streamed {result.input_bytes / 1e9:.2f} GB -> "
+                      f"{result.output_bytes / 1e9:.2f} GB in {result.seconds:.1f} s)")
                 return 0
-            except ExportError as exc:  # no transformers MoE counterpart: keep the work, in the native format
+            except ExportError as exc:
                 hf_error = str(exc)
-        out = save(result.model, args.output, spec=spec, report=result.report, source=loaded, force=args.force,
-                   records=result.records)
-        print(f"wrote {out}")
+        result = stream_upcycle(spec, args.model, args.output, **common)
+        print(result.report.to_text())
+        print(f"wrote {result.out} (streamed {result.input_bytes / 1e9:.2f} GB -> {result.output_bytes / 1e9:.2f} GB "
+              f"in {result.seconds:.1f} s)")
         if hf_error:
-            return _fail(f"--format hf: {hf_error}; wrote the native format to {out} instead", EXIT_USER_ERROR)
+            return _fail(f"--format hf: {hf_error}; wrote the native format to {result.out} instead", EXIT_USER_ERROR)
         return 0
-    except UpcycleError as exc:
-        if args.debug:
-            raise
-        return _fail(str(exc), EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        return _fail("interrupted; no output was written", 130)
-    except OSError as exc:  # disk full, permissions, I/O errors: the user's environment, not a bug
-        if args.debug:
-            raise
-        where = exc.filename or args.output or args.model
-        return _fail(f"{where}: {exc.strerror or exc}; no output was written (free space or choose another -o)"
-                     if exc.errno == errno.ENOSPC else f"{where}: {exc.strerror or exc}; no output was written",
-                     EXIT_USER_ERROR)
-    except Exception as exc:  # a bug: one line unless --debug
-        if args.debug:
-            raise
-        return _fail(f"internal error ({type(exc).__name__}: {exc}); re-run with --debug for the traceback", EXIT_INTERNAL_ERROR)
+    if is_safetensors and Path(args.model).exists() and not args.explain:
+        # planned on the meta device from the config: an impossible job is refused before loading
+        from .preflight import check_in_memory, plan_checkpoint
+
+        pre = plan_checkpoint(spec, args.model, args.config, out_dtype=dtypes[args.dtype])
+        if args.dry_run:
+            print(render_plan(pre.plan, spec))
+            print(resources.describe(pre.in_memory, args.output))
+            return 0
+        if not args.force_resources:
+            check_in_memory(pre, args.output)
+    loaded = load_model(args.model, trust_pickle=args.trust_pickle, config=args.config)
+    if args.dry_run or args.explain:
+        discovery, _, plan = analyse(loaded.model, spec)
+        if args.explain:
+            print(explain(discovery))
+        print(render_plan(plan, spec, explain=args.explain))
+        p = next(iter(loaded.model.parameters()), None)
+        if p is not None:
+            w = resources.workload(plan, spec, loaded.model, itemsize=p.element_size(),
+                                   out_itemsize=_itemsize(dtypes[args.dtype], p.element_size()))
+            print(resources.describe(resources.in_memory(w, loaded=True), args.output))
+        if args.dry_run:
+            return 0
+    example = loaded.example_inputs
+    calib = {}
+    if text is not None:
+        from .calibration import load_tokenizer
+
+        calib = dict(calibration=text, tokenizer=load_tokenizer(args.model, args.config),
+                     calibration_name=_calib_name(args))
+        example = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = upcycle_model(loaded.model, spec, example_inputs=_as_probe(example), progress=_bars(args),
+                               force_resources=args.force_resources, **calib)
+    if dtypes[args.dtype] is not None:  # after verification, which ran in the source dtype
+        cast_output(result.model, dtypes[args.dtype])
+    for w in caught:
+        if issubclass(w.category, (UserWarning,)) and "upcycle" in str(w.filename):
+            print(f"upcycle-compile: warning: {w.message}", file=sys.stderr)
+    print(result.report.to_text())
+    hf_error = None
+    if fmt == "hf":
+        from .export_hf import ExportError, export_hf
+
+        try:
+            out = export_hf(result.model, args.output, spec=spec, report=result.report, force=args.force,
+                            files=loaded.extra_files or {}, target=args.target, force_resources=args.force_resources)
+            print(f"wrote {out} (transformers format)")
+            return 0
+        except ExportError as exc:  # no transformers MoE counterpart: keep the work, in the native format
+            hf_error = str(exc)
+    out = save(result.model, args.output, spec=spec, report=result.report, source=loaded, force=args.force,
+               records=result.records, force_resources=args.force_resources)
+    print(f"wrote {out}")
+    if hf_error:
+        return _fail(f"--format hf: {hf_error}; wrote the native format to {out} instead", EXIT_USER_ERROR)
+    return 0
 
 
 def _calib_name(args) -> str:
     return Path(args.calibration).name if args.calibration else "text"
 
 
-def _parse_size(text: str) -> int:
-    from .errors import UpcycleError
+def _itemsize(dtype, default: int) -> int:
+    from .preflight import itemsize_of
 
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    t = text.strip().upper()
-    num = t.rstrip("KMGIB")
-    try:
-        value = int(float(num) * units[t[len(num):]])
-    except (ValueError, KeyError):
-        raise UpcycleError(f"--max-shard-size {text!r}: expected a size like 2GB, 500MB or 1GiB") from None
-    if value < 1:
-        raise UpcycleError(f"--max-shard-size {text!r}: must be positive")
-    return value
+    return itemsize_of(dtype) if dtype is not None else default
 
 
 def _as_probe(example):
@@ -269,7 +285,12 @@ def explain(discovery) -> str:
 
 
 def main() -> None:
-    sys.exit(run())
+    install_sigterm()
+    try:
+        code = run()
+    except KeyboardInterrupt as exc:  # during argument parsing
+        code = report(PROG, exc)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -220,14 +220,16 @@ def build_hf_model(model: nn.Module, spec=None, target: str | None = None) -> nn
 
 
 def export_hf(model: nn.Module, out_dir, *, spec=None, report=None, force: bool = False, target: str | None = None,
-              max_shard_bytes: int = 2 * 10**9, tokenizer=None, files: dict | None = None) -> Path:
+              max_shard_bytes: int = 2 * 10**9, tokenizer=None, files: dict | None = None,
+              force_resources: bool = False) -> Path:
     """Write `model` (upcycled) as a transformers MoE checkpoint folder (the target's), atomically.
 
     Tensors go through the same shard writer, in the same order, as the streaming export
     (`streaming.stream_upcycle(..., fmt="hf")`), so both write identical bytes for the same model.
     The resolved spec and report are written beside it (upcycle_spec.yaml, report.json/txt);
     transformers ignores them. The tokenizer travels: `tokenizer` (saved), else `files` ({name:
-    path}, e.g. a loaded source's), else the tokenizer files beside config._name_or_path."""
+    path}, e.g. a loaded source's), else the tokenizer files beside config._name_or_path.
+    The free space is checked first (force_resources=True skips); OS failures are OutputErrors."""
     out = Path(out_dir)
     if out.exists() and not force:
         raise UpcycleError(f"{out}: output already exists; choose another path or pass --force (force=True) to replace it")
@@ -236,13 +238,14 @@ def export_hf(model: nn.Module, out_dir, *, spec=None, report=None, force: bool 
     cfg = hf_config(model, plan)
     state = hf_state_dict(model, plan, concat=False)  # views of the model's tensors: peak ~ the model + buffers
     generation = getattr(model, "generation_config", None)
-    with atomic_output(out, force=force) as tmp:
+    planned = [OutTensor(n, t.dtype, tuple(t.shape)) for n, t in state.items()]
+    with atomic_output(out, force=force, need_bytes=sum(t.nbytes for t in planned), force_resources=force_resources) as tmp:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         carried = {} if tokenizer is not None else (files if files is not None else source_files(model))
-        write_hf_folder(tmp, cfg, state.items(), [OutTensor(n, t.dtype, tuple(t.shape)) for n, t in state.items()],
-                        max_shard_bytes, spec=spec, report=report, generation_config=generation,
-                        source_class=type(model).__name__, carried=carried, extra=export_record(plan))
+        write_hf_folder(tmp, cfg, state.items(), planned, max_shard_bytes, spec=spec, report=report,
+                        generation_config=generation, source_class=type(model).__name__, carried=carried,
+                        extra=export_record(plan))
     return out
 
 

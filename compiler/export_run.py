@@ -7,6 +7,12 @@ resolved spec, or the upcycled folder it started from) and DCP checkpoints. The 
 without weights of its own (the saved rewrite replayed on the dense config), the checkpoint's model
 weights are loaded into it (DCP reshards: a checkpoint from any number of ranks), and the result is
 written with `upcycle.save` or the transformers export. The optimizer state is not read.
+
+The run folder is input like any other: run.json is read defensively (jsonfiles), the upcycled
+folder it may start from is integrity-checked on load, the checkpoint's files are checked against
+its checksums.json and its DCP metadata is unpickled only into DCP's own classes
+(runtime.train_checkpoint.SafeReader). Failures are one line, exit 2 (Ctrl-C 130), as in
+upcycle-compile (failures.py).
 """
 
 from __future__ import annotations
@@ -18,33 +24,79 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .errors import UpcycleError
+from .errors import ModelError, UpcycleError, brief
+from .failures import install_sigterm, report
+from .jsonfiles import read_json
 
 
-def rebuild_run_model(run_dir: Path) -> tuple[nn.Module, dict]:
-    """The run's upcycled model with its initial weights, and its resolved spec."""
+def read_run_info(run_dir: Path) -> dict:
+    """run.json of a run folder, checked for the keys the rebuild reads."""
     info_path = run_dir / "run.json"
     if not info_path.is_file():
         raise UpcycleError(f"{run_dir}: no run.json; not a run folder written by examples/train.py")
-    info = json.loads(info_path.read_text())
+    info = read_json(info_path, what="run.json")
+    source = info.get("source", {})
+    if not isinstance(source, dict) or (source.get("kind") == "upcycled" and not isinstance(source.get("path"), str)):
+        raise ModelError(f"{info_path}: `source` must be an object (with a `path` string for kind 'upcycled')")
+    if source.get("kind") != "upcycled":
+        cfg, spec = info.get("dense_config"), info.get("spec")
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str) or not isinstance(spec, dict):
+            raise ModelError(f"{info_path}: needs 'dense_config' (an object with a model_type) and 'spec' (an object) "
+                             "to rebuild the model")
+    relax = info.get("relax_routing_step")
+    if relax is not None and type(relax) is not int:
+        raise ModelError(f"{info_path}: relax_routing_step must be an integer step or null, not {relax!r}")
+    return info
+
+
+def rebuild_run_model(run_dir: Path, info: dict | None = None, *, force_resources: bool = False) -> tuple[nn.Module, dict]:
+    """The run's upcycled model with its initial weights, and its resolved spec (the memory it
+    needs checked first, on the meta device: preflight.check_rebuild)."""
+    run_dir = Path(run_dir)
+    info = info if info is not None else read_run_info(run_dir)
     source = info.get("source", {})
     if source.get("kind") == "upcycled":
         from .saving import load
         from upcycle.specs import load_spec
 
         path = Path(source["path"])
-        return load(path), load_spec(path / "upcycle_spec.yaml").to_dict()
-    if not info.get("dense_config") or not info.get("spec"):
-        raise UpcycleError(f"{info_path}: needs 'dense_config' and 'spec' to rebuild the model")
+        return load(path, force_resources=force_resources), load_spec(path / "upcycle_spec.yaml").to_dict()
     from transformers import AutoConfig
 
     from .loading import build_transformers_skeleton
     from .pipeline import upcycle_model
 
-    cfg = dict(info["dense_config"])
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    cfg = {k: v for k, v in info["dense_config"].items() if k != "auto_map"}  # never remote code
+    try:
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    except Exception as exc:
+        raise ModelError(f"{run_dir / 'run.json'}: dense_config is not a transformers config ({brief(exc)})") from None
+    if not force_resources:
+        from .preflight import check_rebuild
+
+        check_rebuild(config, info["spec"])
     dense = build_transformers_skeleton(config)
     return upcycle_model(dense, info["spec"], structure_only=True).model, info["spec"]
+
+
+def _load_weights(ckpt: Path, model: nn.Module) -> None:
+    """The checkpoint's model weights into `model`; anything wrong with the checkpoint is one ModelError."""
+    from upcycle.runtime.train_checkpoint import CheckpointError, load_model_weights
+
+    from .os_errors import as_os_error, describe
+
+    try:
+        load_model_weights(ckpt, model)
+    except CheckpointError as exc:
+        raise ModelError(str(exc)) from None
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # DCP wraps what went wrong (CheckpointException, AssertionError, RuntimeError)
+        err = as_os_error(exc)
+        if err is not None:
+            raise ModelError(describe(err, err.filename or ckpt, doing="reading the checkpoint")) from None
+        raise ModelError(f"{ckpt}: cannot load the model weights from this checkpoint ({brief(exc, 300)}); "
+                         "is it from this run?") from None
 
 
 def _relaxed(spec: dict) -> dict:
@@ -53,16 +105,23 @@ def _relaxed(spec: dict) -> dict:
     return spec
 
 
-def export_run(run_dir, out, *, fmt: str = "native", step: int | None = None, force: bool = False) -> Path:
-    from upcycle.runtime.train_checkpoint import latest_checkpoint, load_model_weights
+def export_run(run_dir, out, *, fmt: str = "native", step: int | None = None, force: bool = False,
+               force_resources: bool = False) -> Path:
+    from upcycle.runtime.train_checkpoint import latest_checkpoint
+
+    from .atomic import check_not_input, check_replaceable, probe_writable
 
     run_dir = Path(run_dir)
+    check_not_input(Path(out), [run_dir])  # the output's location first: before minutes of loading
+    check_replaceable(Path(out), force)
+    probe_writable(out)
     ckpt = latest_checkpoint(run_dir) if step is None else run_dir / "checkpoints" / f"step-{step:06d}"
     if ckpt is None or not (ckpt / ".metadata").is_file():
         raise UpcycleError(f"{run_dir}: no complete checkpoint{'' if step is None else f' for step {step}'} under checkpoints/")
-    model, spec = rebuild_run_model(run_dir)
-    load_model_weights(ckpt, model)
-    relax_at = json.loads((run_dir / "run.json").read_text()).get("relax_routing_step")
+    info = read_run_info(run_dir)
+    model, spec = rebuild_run_model(run_dir, info, force_resources=force_resources)
+    _load_weights(ckpt, model)
+    relax_at = info.get("relax_routing_step")
     if relax_at is not None and int(ckpt.name.split("-")[-1]) > relax_at:
         # the run switched per_slice routers to plain top-K before this checkpoint (examples/train.py)
         from upcycle.runtime import relax_routing
@@ -73,25 +132,34 @@ def export_run(run_dir, out, *, fmt: str = "native", step: int | None = None, fo
     if fmt == "hf":
         from .export_hf import export_hf
 
-        return export_hf(model, out, spec=spec, force=force)
+        return export_hf(model, out, spec=spec, force=force, force_resources=force_resources)
     from .saving import save
 
-    return save(model, out, spec=spec, force=force)
+    return save(model, out, spec=spec, force=force, force_resources=force_resources)
+
+
+PROG = "upcycle-export-run"
 
 
 def main(argv=None) -> int:
+    """The console script (exit code returned); run as one (argv None), SIGTERM ends it like Ctrl-C."""
+    if argv is None:
+        install_sigterm()
     ap = argparse.ArgumentParser(prog="upcycle-export-run", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--format", default="native", choices=["native", "hf"])
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    ap.add_argument("--force", action="store_true", help="replace an existing output folder")
+    ap.add_argument("--force", action="store_true", help="replace an existing output folder (an earlier export)")
+    ap.add_argument("--force-resources", action="store_true",
+                    help="go ahead even if the pre-flight estimate of memory or disk space says it will not fit")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
     try:
-        out = export_run(args.run_dir, args.output, fmt=args.format, step=args.step, force=args.force)
-    except (UpcycleError, OSError, ValueError) as exc:
-        print(f"upcycle-export-run: error: {exc}", file=sys.stderr)
-        return 2
+        out = export_run(args.run_dir, args.output, fmt=args.format, step=args.step, force=args.force,
+                         force_resources=args.force_resources)
+    except (Exception, KeyboardInterrupt) as exc:
+        return report(PROG, exc, debug=args.debug)
     print(f"wrote {out}")
     return 0
 

@@ -4,8 +4,11 @@ user said `trust_pickle`; transformers is never asked to trust remote code."""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import logging
 import os
+import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import ModelError
+from .errors import ModelError, brief
+from .jsonfiles import read_json
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -94,15 +98,10 @@ def load_config(path: Path):
     transformers = _transformers()
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
+    if not file.exists():
         raise ModelError(f"{file}: no config.json; a bare weights file needs its transformers config.json beside it "
                          "or given with --config")
-    try:
-        data = json.loads(file.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{file}: not valid JSON ({exc})") from None
+    data = read_json(file, what="transformers config")
     refuse_moe_input(data, file)
     model_type = data.get("model_type")
     if not model_type:
@@ -111,7 +110,7 @@ def load_config(path: Path):
         cls = transformers.AutoConfig.for_model(model_type).__class__
         return cls.from_dict({k: v for k, v in data.items() if k != "auto_map"})
     except Exception as exc:
-        raise ModelError(f"{file}: cannot read as a transformers config ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise ModelError(f"{file}: cannot read as a transformers config (model_type {model_type!r}: {brief(exc)})") from None
 
 
 def meta_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
@@ -187,7 +186,7 @@ def load_safetensors_file(path: Path, config_path: Path | None) -> LoadedModel:
     try:
         state = load_file(str(path))
     except Exception as exc:
-        raise ModelError(f"{path}: cannot read safetensors ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"{path}: cannot read safetensors ({brief(exc)})") from None
     model = model_from_state_dict(state, config, path)
     extra = tokenizer_files(path.parent)
     return LoadedModel(model, "transformers", path, extra_files=extra)
@@ -210,13 +209,13 @@ def load_transformers_dir(path: Path, dtype: torch.dtype | None = None) -> Loade
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:
-        raise ModelError(f"{path}: cannot read config.json as a transformers config ({type(exc).__name__}: {exc})") from None
+        raise ModelError(f"{path}: cannot read config.json as a transformers config ({brief(exc)})") from None
     preflight_transformers_dir(path, config)
     cls = model_class_for(config)
     try:
         model = cls.from_pretrained(str(path), dtype=dtype or "auto", trust_remote_code=False)
     except Exception as exc:
-        raise ModelError(f"{path}: transformers could not load the model ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise ModelError(f"{path}: transformers could not load the model ({brief(exc)})") from None
     extra = tokenizer_files(path)
     return LoadedModel(model, "transformers", path, extra_files=extra)
 
@@ -227,7 +226,7 @@ def load_gguf(path: Path) -> LoadedModel:
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:
-        raise ModelError(f"{path}: cannot load GGUF ({type(exc).__name__}: {str(exc).splitlines()[0]}); it needs the `gguf` package") from None
+        raise ModelError(f"{path}: cannot load GGUF ({brief(exc)}); it needs the `gguf` package") from None
     # GGUF-loaded models refuse save_pretrained ("quantized with gguf"): rebuild as a plain model
     config = model.config
     if hasattr(config, "quantization_config"):
@@ -246,11 +245,57 @@ def _is_export_archive(path: Path) -> bool:
     return any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names)
 
 
+@contextlib.contextmanager
+def no_unpickling(path: Path):
+    """torch.export.load unpickles parts of some archives (weights or constants saved with pickle,
+    opaque objects, the legacy layout's fallback to `torch.load(weights_only=False)`): a hostile
+    .pt2 would run code. While it reads `path`, torch.load is held to weights_only=True and plain
+    unpickling refused, so such an archive fails with one line instead."""
+    real_load, real_loads = torch.load, pickle.loads
+
+    def weights_only_load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        return real_load(f, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise ModelError(pickled_archive(path))
+
+    real_obj = getattr(torch._C, "_pickle_load_obj", None)  # TorchScript-pickled custom objects
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:  # torch logs a refused part with its traceback before it gives up: one line is ours
+        lg.setLevel(logging.CRITICAL)
+    torch.load, pickle.loads = weights_only_load, refuse
+    if real_obj is not None:
+        torch._C._pickle_load_obj = refuse
+    try:
+        with warnings.catch_warnings():  # and the weights-only unpickler's warnings about what it refuses
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.load, pickle.loads = real_load, real_loads
+        if real_obj is not None:
+            torch._C._pickle_load_obj = real_obj
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def pickled_archive(path) -> str:
+    return (f"{path}: the torch.export archive holds pickled objects (unpickling them could run code from the file), "
+            "which is refused; re-export the model with plain tensors (torch.export.save of an nn.Module), or pass a "
+            "transformers folder")
+
+
 def load_export(path: Path) -> LoadedModel:
     try:
-        program = torch.export.load(str(path))
+        with no_unpickling(path):
+            program = torch.export.load(str(path))
+    except ModelError:
+        raise
     except Exception as exc:
-        raise ModelError(f"{path}: not a readable torch.export program ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+            raise ModelError(pickled_archive(path)) from None
+        raise ModelError(f"{path}: not a readable torch.export program ({brief(exc)})") from None
     args, kwargs = program.example_inputs or ((), {})
     module = program.module()
     return LoadedModel(module, "export", path, example_inputs=(tuple(args), dict(kwargs)))
@@ -260,7 +305,9 @@ def load_torch_file(path: Path, trust_pickle: bool, config_path: Path | None = N
     if _is_export_archive(path):
         return load_export(path)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # its notes on what it refuses would break the one-line rule
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         if not trust_pickle:
             raise ModelError(
@@ -311,13 +358,10 @@ def _load_model(path: Path, trust_pickle: bool, dtype, config_path: Path | None)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: directory has no config.json, so it is not a transformers model directory")
-        try:
-            data = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
-        if isinstance(data, dict):
-            refuse_moe_input(data, path)
+        refuse_moe_input(read_json(path / "config.json", what="transformers config"), path)
         return load_transformers_dir(path, dtype)
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise ModelError(f"{path}: is not a regular file (a pipe, device or socket?); expected a model file")
     if not os.access(path, os.R_OK):
         raise ModelError(f"{path}: not readable (permission denied)")
     if path.suffix == ".safetensors":

@@ -266,7 +266,8 @@ class _NullProgress:
 
 
 def upcycle_model(model: nn.Module, spec, *, example_inputs=None, calibration=None, tokenizer=None,
-                  calibration_name: str = "text", progress: bool = False, structure_only: bool = False) -> UpcycleResult:
+                  calibration_name: str = "text", progress: bool = False, structure_only: bool = False,
+                  force_resources: bool = False) -> UpcycleResult:
     """Run the whole pipeline on `model` (rewritten in place) and return model, plan and report.
 
     calibration: text (a string or list of strings, tokenized with `tokenizer`, by default the one
@@ -274,6 +275,8 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, calibration=No
     the perplexity before/after (compiler/calibration.py). structure_only: build MoE layers with
     uninitialised weights and skip verification (used when loading a saved upcycled model: the
     weights come from its checkpoint).
+    Before the first MoE layer is built, the memory the new layers and the verification need is
+    checked against what is available (preflight.check_loaded; force_resources=True skips).
     """
     t0 = time.perf_counter()
     spec = load_spec(spec)
@@ -291,6 +294,10 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, calibration=No
     was_training = model.training
     _set_training(model, False)
     discovery, selection, plan = analyse(model, spec)
+    if not structure_only and not force_resources:
+        from .preflight import check_loaded
+
+        check_loaded(plan, spec, model)
     if not structure_only:
         for w in plan.warnings:
             warnings.warn(w, stacklevel=2)
@@ -368,17 +375,19 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def compile_upcycle(model: nn.Module, spec, *, example_inputs=None, calibration=None, tokenizer=None,
-                    progress: bool = False, return_report: bool = False):
+                    progress: bool = False, return_report: bool = False, force_resources: bool = False):
     """Upcycle `model` into an MoE model following `spec` (a path, preset name, dict or UpcycleSpec).
 
     calibration: real text (str or list of str; or token ids) for the checks: per-layer
     verification on its hidden states, k-means router init, perplexity before/after in the report;
     tokenized with `tokenizer` (default: the one in the folder the model was loaded from).
     The model is rewritten in place and returned (the root is a new object only when the whole
-    model is one MLP). With return_report=True, returns (model, report).
+    model is one MLP). With return_report=True, returns (model, report). A conversion that would
+    not fit the available memory raises ResourceError (an UpcycleError) before anything is built;
+    force_resources=True goes ahead anyway.
     """
     result = upcycle_model(model, spec, example_inputs=example_inputs, calibration=calibration, tokenizer=tokenizer,
-                           progress=progress)
+                           progress=progress, force_resources=force_resources)
     if return_report:
         return result.model, result.report
     return result.model

@@ -8,8 +8,11 @@ name whose `save_pretrained` finishes the folder as an upcycle output:
 
   - config.json: `model_type` becomes "upcycle" (the dense one is kept under `upcycle`), so plain
     transformers refuses the folder loudly instead of loading a dense model;
-  - upcycle_spec.yaml and upcycle.json (the manifest `upcycle.load` needs), tokenizer and
-    generation config as transformers wrote them (Trainer writes the tokenizer it was given).
+  - upcycle_spec.yaml and upcycle.json (the manifest `upcycle.load` needs, with each file's size
+    and sha256, checked on load), tokenizer and generation config as transformers wrote them
+    (Trainer writes the tokenizer it was given);
+  - written in a temp folder beside it and moved in when complete (`atomic.staged_into`), so a full
+    disk or Ctrl-C leaves the folder as it was, and an OS failure is one OutputError line.
 
 `upcycle.load(folder)` then rebuilds the MoE and loads the weights strictly.
 """
@@ -20,6 +23,9 @@ import json
 from pathlib import Path
 
 import torch.nn as nn
+
+from .errors import ModelError, brief
+from .jsonfiles import read_json
 
 MODEL_TYPE = "upcycle"
 
@@ -56,17 +62,30 @@ class _UpcycledMixin:
         # stores the dense class and marks the model again when it is rebuilt
         return _unpickle_upcycled, (self._upcycle_base, self.__getstate__())
 
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
-        if is_main_process:
-            finish_folder(Path(save_directory), self._upcycle_spec, self._upcycle_base.__name__,
-                          self._upcycle_rewrites)
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, force_resources: bool = False,
+                        **kwargs):
+        if not is_main_process or kwargs.get("push_to_hub"):  # the hub upload names the repo after the folder
+            result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+            if is_main_process:
+                finish_folder(Path(save_directory), self._upcycle_spec, self._upcycle_base.__name__,
+                              self._upcycle_rewrites)
+            return result
+        from .atomic import staged_into
+
+        if not force_resources:  # a full disk is refused before the first byte, not half-way
+            from .resources import FILES_OVERHEAD_BYTES, check_disk
+            from .saving import state_bytes
+
+            check_disk(state_bytes(self) + FILES_OVERHEAD_BYTES, save_directory)
+        with staged_into(save_directory) as tmp:
+            result = super().save_pretrained(str(tmp), *args, is_main_process=True, **kwargs)
+            finish_folder(tmp, self._upcycle_spec, self._upcycle_base.__name__, self._upcycle_rewrites)
         return result
 
 
 def patch_config(config_path: Path) -> None:
     """config.json of an upcycled model: model_type "upcycle", the dense model_type kept."""
-    d = json.loads(config_path.read_text())
+    d = read_json(config_path, what="config.json")
     if d.get("model_type") == MODEL_TYPE:
         return
     d["upcycle"] = {"base_model_type": d.get("model_type"), "load_with": "upcycle.load(folder)"}
@@ -76,7 +95,7 @@ def patch_config(config_path: Path) -> None:
 
 def base_config_dict(config_path: Path) -> dict:
     """config.json as the dense model's config class expects it (model_type restored)."""
-    d = json.loads(config_path.read_text())
+    d = read_json(config_path, what="config.json")
     if d.get("model_type") == MODEL_TYPE:
         d = dict(d)
         d["model_type"] = d.pop("upcycle", {}).get("base_model_type")
@@ -89,24 +108,30 @@ def load_base_config(folder: Path):
 
     tf = _transformers()
     d = base_config_dict(folder / "config.json")
-    return tf.AutoConfig.for_model(d.pop("model_type"), **d)
+    model_type = d.pop("model_type", None)
+    d.pop("auto_map", None)  # never remote code
+    try:
+        return tf.AutoConfig.for_model(model_type, **d)
+    except Exception as exc:
+        raise ModelError(f"{folder / 'config.json'}: cannot read as a transformers config (model_type "
+                         f"{model_type!r}: {brief(exc)})") from None
 
 
 def finish_folder(folder: Path, spec, model_class: str, rewrites: list) -> None:
     from upcycle.specs import dump_spec
 
+    from .integrity import file_entries
     from .saving import FORMAT_VERSION, MANIFEST, SPEC
 
     patch_config(folder / "config.json")
     (folder / SPEC).write_text(dump_spec(spec))
-    files = {p.name: {"bytes": p.stat().st_size} for p in sorted(folder.iterdir())
-             if p.is_file() and p.name != MANIFEST}
+    files = file_entries(folder, skip=(MANIFEST,))  # sha256 at disk speed: ~2 s for a 2.8 GB model
     manifest = {
         "format_version": FORMAT_VERSION,
         "source_kind": "transformers",
         "model_class": model_class,
         "saved_by": "save_pretrained",
         "rewrites": rewrites,
-        "files": files,  # sizes only: hashing every Trainer checkpoint would cost seconds per save
+        "files": files,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -8,12 +8,8 @@ and loads the checkpoint strictly, so every tensor must be accounted for.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch.nn as nn
@@ -21,48 +17,18 @@ from safetensors.torch import save_model as st_save_model
 
 from upcycle.specs import dump_spec, load_spec
 
-from .errors import ModelError, UpcycleError
+from .atomic import atomic_output  # noqa: F401  (re-exported: streaming and export_hf import it from here)
+from .errors import ModelError, brief
+from .integrity import plain_name, sha256_file, verify_folder
+from .jsonfiles import read_json
 from .loading import LoadedModel, build_transformers_skeleton, load_export, source_files, tied_groups
 from .pretrained import load_base_config, mark_upcycled, patch_config
+from .resources import FILES_OVERHEAD_BYTES
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 MANIFEST = "upcycle.json"
 SPEC = "upcycle_spec.yaml"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_output(out_dir, *, force: bool = False):
-    """A temp folder beside `out_dir`, renamed onto it when the block finishes; removed on any error
-    or interruption, so `out_dir` is either absent, the previous output, or complete."""
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise UpcycleError(f"{out}: output already exists; choose another path or pass --force (force=True) to replace it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise UpcycleError(f"{out.parent}: cannot create the output folder ({exc.strerror or exc})") from None
-    try:
-        yield tmp
-        for p in tmp.iterdir():  # mkdtemp and some writers use private modes; outputs are ordinary files
-            if p.is_file():
-                p.chmod(0o644)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def tensor_accounting(input_names, records, output_names, aliases: dict[str, str] | None = None,
@@ -115,7 +81,7 @@ def write_metadata(tmp: Path, *, spec, kind: str, model_class: str, source, repo
     files = {}
     for p in sorted(tmp.iterdir()):
         if p.is_file() and p.name != MANIFEST:
-            files[p.name] = known.get(p.name) or {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            files[p.name] = known.get(p.name) or {"bytes": p.stat().st_size, "sha256": sha256_file(p)[1]}
     manifest = {
         "format_version": FORMAT_VERSION,
         "source_kind": kind,
@@ -146,13 +112,25 @@ def _carried_files(model: nn.Module, tokenizer, tmp: Path, skip: dict) -> dict:
     return carried
 
 
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's tensors as saved (tied tensors once)."""
+    seen, n = set(), 0
+    for t in model.state_dict().values():
+        key = (t.data_ptr(), t.nbytes) if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            n += t.nbytes
+    return n
+
+
 def save(model: nn.Module, out_dir, *, spec, report=None, source: LoadedModel | None = None, force: bool = False,
-         records=None, input_names=None, tokenizer=None) -> Path:
+         records=None, input_names=None, tokenizer=None, force_resources: bool = False) -> Path:
     """Write the upcycled model to `out_dir` atomically (temp folder renamed into place), with its
     tokenizer (`tokenizer`, or the files beside the source checkpoint) and generation config.
 
     With `records` (the rewrite's) and `input_names` (the dense model's tensor names), the manifest
-    accounts for every input tensor (see `tensor_accounting`)."""
+    accounts for every input tensor (see `tensor_accounting`). The free space is checked first
+    (resources.check_disk; force_resources=True skips); an OS failure is an OutputError."""
     out = Path(out_dir)
     spec = load_spec(spec)
     kind = source.kind if source is not None else ("transformers" if hasattr(model, "config") and hasattr(model.config, "to_json_string") else "module")
@@ -162,7 +140,9 @@ def save(model: nn.Module, out_dir, *, spec, report=None, source: LoadedModel | 
     if input_names is not None and records is not None:
         out_names = set(model.state_dict().keys())
         tensors = tensor_accounting(list(input_names), records, out_names, aliases=tied_aliases(model), where=str(source.path if source else out))
-    with atomic_output(out, force=force) as tmp:
+    need = state_bytes(model) + FILES_OVERHEAD_BYTES
+    with atomic_output(out, force=force, need_bytes=need, force_resources=force_resources,
+                       inputs=[source.path] if source is not None else ()) as tmp:
         st_save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "upcycle_format": str(FORMAT_VERSION)})
         if kind in ("transformers", "gguf"):
             model.config.save_pretrained(str(tmp))
@@ -179,26 +159,69 @@ def save(model: nn.Module, out_dir, *, spec, report=None, source: LoadedModel | 
     return out
 
 
-def load(path, *, trust_pickle: bool = False) -> nn.Module:
-    """The upcycled model saved in `path` by `save` / `upcycle-compile -o` (like from_pretrained)."""
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
+def read_manifest(path: Path) -> dict:
+    """upcycle.json of an output folder (one ModelError if absent or damaged)."""
+    if not (path / MANIFEST).is_file():
         raise ModelError(f"{path}: no {MANIFEST}; not an upcycle output folder")
-    manifest = json.loads(manifest_path.read_text())
-    spec = load_spec(path / SPEC)
+    return read_json(path / MANIFEST, what="upcycle manifest")
+
+
+def needed_files(path: Path, kind) -> list[str]:
+    """What loading `path` reads: spec, config or dense program, index and weight shards."""
+    names = [SPEC] + (["config.json"] if kind == "transformers" else ["dense_program.pt2"] if kind == "export" else [])
+    if (path / INDEX).is_file():
+        names.append(INDEX)
+    return names + [f.name for f in weight_files(path)]
+
+
+def load(path, *, trust_pickle: bool = False, verify: bool = True, force_resources: bool = False) -> nn.Module:
+    """The upcycled model saved in `path` by `save` / `upcycle-compile -o` (like from_pretrained).
+
+    verify (default): every file is checked against the manifest's size and sha256 first, and a
+    mismatch refused with the file's name. The memory the load needs (skeleton, model, one weight
+    file) is checked against what is available (force_resources=True skips)."""
+    path = Path(path)
+    manifest = read_manifest(path)
     kind = manifest.get("source_kind")
+    if verify:
+        verify_folder(path, manifest, needed=needed_files(path, kind))
+    spec = load_spec(path / SPEC)
     if kind == "transformers":
         config = load_base_config(path)
-        skeleton = build_transformers_skeleton(config, dtype=_config_dtype(config))
+        dtype = _config_dtype(config)
+        if not force_resources:
+            check_load_memory(path, _dense_bytes(config, dtype))
+        skeleton = build_transformers_skeleton(config, dtype=dtype)
     elif kind == "export":
+        if not force_resources:
+            check_load_memory(path, (path / "dense_program.pt2").stat().st_size)
         skeleton = load_export(path / "dense_program.pt2").model
     else:
         raise ModelError(
             f"{path}: the model was a plain nn.Module ({manifest.get('model_class')}); rebuild it in Python "
             "and call upcycle.load_into(model, path)"
         )
-    return load_into(skeleton, path, spec=spec)
+    return load_into(skeleton, path, spec=spec, verify=False)
+
+
+def _dense_bytes(config, dtype) -> int:
+    """Bytes of the dense model `config` describes (counted on the meta device)."""
+    from .loading import meta_skeleton
+
+    model = meta_skeleton(config, dtype)
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel() * p.element_size()
+    return n
+
+
+def check_load_memory(path: Path, dense_bytes: int) -> None:
+    from .resources import check_memory, loading
+
+    sizes = [f.stat().st_size for f in weight_files(path)]
+    check_memory(loading(dense_bytes, sum(sizes), max(sizes)))
 
 
 def _config_dtype(config):
@@ -211,28 +234,45 @@ def _config_dtype(config):
     return d if isinstance(d, torch.dtype) and d.is_floating_point else None
 
 
+INDEX = "model.safetensors.index.json"
+
+
 def weight_files(path: Path) -> list[Path]:
-    """The weight files of an output folder: model.safetensors, or the shards its index names."""
-    index = path / "model.safetensors.index.json"
+    """The weight files of an output folder: model.safetensors, or the shards its index names
+    (plain names inside the folder only)."""
+    index = path / INDEX
     if index.is_file():
-        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        weight_map = read_json(index, what="safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelError(f"{index}: needs a `weight_map` of tensor name -> shard file")
+        return [path / plain_name(f, index) for f in sorted(set(map(str, weight_map.values())))]
     return [path / WEIGHTS]
 
 
-def load_into(dense_model: nn.Module, path, *, spec=None) -> nn.Module:
-    """Replay the saved rewrite on a freshly built dense model and load the saved weights into it."""
+def load_into(dense_model: nn.Module, path, *, spec=None, verify: bool = True) -> nn.Module:
+    """Replay the saved rewrite on a freshly built dense model and load the saved weights into it
+    (verify: the folder's files against its manifest first, as `load` does)."""
     from safetensors.torch import load_file
 
+    from .checkpoint import read_header
     from .pipeline import upcycle_model
 
     path = Path(path)
+    if verify:
+        manifest = read_manifest(path)
+        verify_folder(path, manifest, needed=needed_files(path, None) if spec is None else
+                      [n for n in needed_files(path, None) if n != SPEC])
     spec = load_spec(spec or path / SPEC)
     model = upcycle_model(dense_model, spec, structure_only=True).model
     aliases = tied_aliases(model)
     expected = set(model.state_dict().keys())
     loaded, unexpected = set(), []
     for f in weight_files(path):
-        sd = load_file(str(f))
+        read_header(f)  # a truncated or corrupt file: one line naming it
+        try:
+            sd = load_file(str(f))
+        except Exception as exc:  # safetensors' own checks (overlapping offsets, ...)
+            raise ModelError(f"{f}: cannot read safetensors ({brief(exc)})") from None
         unexpected += [k for k in sd if k not in expected]
         try:
             model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)

@@ -43,6 +43,7 @@ from .loading import check_tensors_against, load_config, meta_skeleton, tokenize
 from .pretrained import patch_config
 from .pipeline import MoEBuilder, _NullProgress, analyse
 from .report import Report
+from .resources import FILES_OVERHEAD_BYTES
 from .saving import atomic_output, tensor_accounting, tied_aliases, write_metadata
 
 DEFAULT_SHARD_BYTES = 2 * 10**9
@@ -108,13 +109,18 @@ def open_checkpoint(model_path, config_path=None):
     return src, config, infos
 
 
+def analyse_on_meta(spec, model_path, config_path=None):
+    """The checkpoint's model built on the meta device from its config, checked against the headers,
+    and analysed: (config, checkpoint infos, meta model, discovery, selection, plan)."""
+    src, config, infos = open_checkpoint(model_path, config_path)
+    model = meta_skeleton(config, dominant_float_dtype(infos))
+    check_tensors_against(model, {n: (i.shape, i.dtype) for n, i in infos.items()}, src)
+    return (config, infos, model, *analyse(model, spec))
+
+
 def plan_on_meta(spec, model_path, config_path=None) -> MetaPlan:
     spec = load_spec(spec)
-    src, config, infos = open_checkpoint(model_path, config_path)
-    dtype = dominant_float_dtype(infos)
-    model = meta_skeleton(config, dtype)
-    check_tensors_against(model, {n: (i.shape, i.dtype) for n, i in infos.items()}, src)
-    discovery, selection, plan = analyse(model, spec)
+    config, infos, model, discovery, selection, plan = analyse_on_meta(spec, model_path, config_path)
     targets = {f.key: f.rewrite_unit for f in discovery.mlps if selection[f.index] == ""}
     recorder = _Recorder(spec, discovery)
     model, records = rewrite_mlps(model, targets, recorder)
@@ -188,7 +194,7 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
                    writer_factory=ShardWriter, fmt: str = "native", target: str | None = None,
                    dtype: torch.dtype | None = None, calibration=None, tokenizer=None,
-                   calibration_name: str = "text") -> StreamResult:
+                   calibration_name: str = "text", force_resources: bool = False) -> StreamResult:
     """Upcycle a safetensors checkpoint on disk into `out_dir` without loading it (see module doc).
 
     fmt "hf": write a transformers MoE checkpoint instead (compiler/targets/; `target` names one):
@@ -196,7 +202,9 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     in-memory export of the same model. dtype: cast every floating tensor to it on write (native
     routers stay fp32), None: as the source. calibration: text (tokenized with `tokenizer`, by
     default the one beside the checkpoint) or token ids: the probe for per-layer verification,
-    k-means and the perplexity before/after, run module by module (compiler/stream_probe.py)."""
+    k-means and the perplexity before/after, run module by module (compiler/stream_probe.py).
+    Right after the plan, before any tensor is read, the memory in flight and the output's disk
+    space are checked (preflight.check_streaming; force_resources=True skips)."""
     t0 = time.perf_counter()
     spec = load_spec(spec)
     _return_freed_memory()
@@ -204,6 +212,12 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     if out.exists() and not force:
         raise UpcycleError(f"{out}: output already exists; choose another path or pass --force (force=True) to replace it")
     mp = plan_on_meta(spec, model_path, config)
+    if not force_resources:
+        from .preflight import check_streaming, itemsize_of
+
+        src_dtype = dominant_float_dtype(mp.infos)
+        check_streaming(mp.plan, spec, mp.model, itemsize=itemsize_of(src_dtype),
+                        out_itemsize=itemsize_of(dtype or src_dtype), out=out, max_shard_bytes=max_shard_bytes)
     hf = _hf_plan(mp, spec, target) if fmt == "hf" else None
     src = Path(model_path)
     probe = None
@@ -249,6 +263,8 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     out_names = [t.name for t in outputs]
     tensors = tensor_accounting(list(mp.infos), hf.records(mp.records) if hf is not None else mp.records, out_names,
                                 aliases={**{k: v for k, v in aliases.items()}, **dropped_alias}, where=str(src))
+    out_kwargs = dict(force=force, need_bytes=sum(t.nbytes for t in outputs) + FILES_OVERHEAD_BYTES,
+                      force_resources=force_resources, inputs=[src])
 
     builder = MoEBuilder(spec, mp.discovery, None, _NullProgress(), structure_only=False)
     reader = TensorReader(mp.infos)
@@ -292,10 +308,10 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
         try:
             with _one_core_for_io():
                 return _write_hf(hf, spec, mp, src, out, outputs, tensors, moe_state, reader, bar, builder,
-                                 max_shard_bytes, force, t0, measure, verification)
+                                 max_shard_bytes, out_kwargs, t0, measure, verification)
         finally:
             reader.close()
-    with atomic_output(out, force=force) as tmp, _one_core_for_io():
+    with atomic_output(out, **out_kwargs) as tmp, _one_core_for_io():
         writer = writer_factory(tmp, outputs, max_shard_bytes, metadata={"upcycle_format": "1"})
         try:
             current, cache = None, {}
@@ -391,7 +407,7 @@ def _probe_verification(probe) -> str:
 
 
 def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, tensors, moe_state, reader, bar,
-              builder, max_shard_bytes: int, force: bool, t0: float, measure, verification: str) -> StreamResult:
+              builder, max_shard_bytes: int, out_kwargs: dict, t0: float, measure, verification: str) -> StreamResult:
     from .export_hf import export_record, write_hf_folder
 
     dtypes = {t.name: t.dtype for t in outputs}
@@ -411,7 +427,7 @@ def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, te
                     yield n, v.to(dtypes[n])
                     del v
 
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, **out_kwargs) as tmp:
         try:
             files = write_hf_folder(tmp, hf.config, values(), outputs, max_shard_bytes, spec=spec,
                                     source_class=type(mp.model).__name__,

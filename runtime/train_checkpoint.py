@@ -10,13 +10,19 @@ rank has finished, so a killed run never leaves a half checkpoint that looks com
     scheduler   the LR scheduler's numeric state, as tensors
     rng         each rank's torch RNG state under its own key (restored where the rank exists)
 
-Everything is a tensor, so nothing but DCP's own metadata file is unpickled on load; a checkpoint
-is only read when you ask for it (`--resume`, `load_training_checkpoint`).
+Everything is a tensor, so nothing but DCP's own metadata file is unpickled on load, and that one
+through an unpickler that builds only DCP's metadata classes and torch sizes/dtypes (`SafeReader`):
+a hostile `.metadata` that names anything else (os.system, ...) is refused, never run; the data
+files it points to must be plain names inside the checkpoint folder. Rank 0 writes checksums.json
+(each file's size and sha256) before the folder is renamed into place, and loading checks it, so a
+damaged checkpoint is refused with the file's name (older checkpoints without it load unchecked).
+A checkpoint is only read when you ask for it (`--resume`, `load_training_checkpoint`).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -25,6 +31,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .checksums import verify_checksums, write_checksums
 
 
 def _dist() -> bool:
@@ -99,10 +107,85 @@ def save_training_checkpoint(path, model: nn.Module, optimizer, *, step: int, da
         dcp.save(_state(model, optimizer, scheduler, step, data_position), checkpoint_id=str(tmp))
     _barrier()
     if _rank() == 0:
+        write_checksums(tmp)  # every rank's files are complete after the barrier
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     _barrier()
     return path
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint that must not be read: damaged, or metadata naming code to run."""
+
+
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata",)  # dataclasses and an Enum: nothing to run
+_ALLOWED = {
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata classes, torch.Size and torch dtypes/layouts/memory formats; refuses
+    every other global a pickle names (which is how a hostile pickle runs code)."""
+
+    def find_class(self, module: str, name: str):
+        if module in _DCP_MODULES or name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch":
+            obj = getattr(torch, name, None)
+            if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        raise CheckpointError(f"the checkpoint's .metadata names {module}.{name}, which DCP metadata never holds; "
+                              "refusing to unpickle it (it could run code)")
+
+
+def _reader_class():
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(dcp.FileSystemReader):
+        """DCP's FileSystemReader with the metadata read by `_MetadataUnpickler` and its data file
+        names checked to be plain names inside the checkpoint folder."""
+
+        def read_metadata(self, *args, **kwargs):
+            path = self._get_metadata_path(kwargs.get("rank"))
+            try:
+                with open(path, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except CheckpointError as exc:
+                raise CheckpointError(f"{path}: {exc}") from None
+            except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError) as exc:
+                raise CheckpointError(f"{path}: damaged DCP metadata ({type(exc).__name__}: {exc})") from None
+            for info in (getattr(metadata, "storage_data", None) or {}).values():
+                rel = str(getattr(info, "relative_path", ""))
+                if not rel or "/" in rel or "\\" in rel or rel in (".", "..") or os.path.isabs(rel):
+                    raise CheckpointError(f"{path}: names the data file {rel!r}, which is not a plain file name in "
+                                          "the checkpoint folder; refusing to read outside it")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader
+
+
+def safe_reader(path):
+    """A DCP storage reader for `path` that never runs code from it (see `_MetadataUnpickler`)."""
+    return _reader_class()(str(path))
+
+
+def check_checkpoint(path) -> None:
+    """The checkpoint's files against its checksums.json (CheckpointError naming a bad file)."""
+    from .checksums import ChecksumError
+
+    try:
+        verify_checksums(path)
+    except ChecksumError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def load_training_checkpoint(path, model: nn.Module, optimizer, scheduler=None) -> dict:
@@ -114,8 +197,9 @@ def load_training_checkpoint(path, model: nn.Module, optimizer, scheduler=None) 
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no .metadata)")
+    check_checkpoint(path)
     state = _state(model, optimizer, scheduler, 0, 0)
-    saved_keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    saved_keys = set(safe_reader(path).read_metadata().state_dict_metadata)
     rng_key = f"rng.rank{_rank()}"
     if rng_key not in saved_keys:  # more ranks now than when saved: this one keeps its own RNG
         state.pop("rng")
@@ -123,7 +207,7 @@ def load_training_checkpoint(path, model: nn.Module, optimizer, scheduler=None) 
         state.pop("scheduler")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=safe_reader(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if "rng" in state:
         torch.set_rng_state(state["rng"][f"rank{_rank()}"])
@@ -139,17 +223,23 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def load_model_weights(path, model: nn.Module) -> nn.Module:
-    """Only the model's weights from a training checkpoint, into `model` (any world size)."""
+def load_model_weights(path, model: nn.Module, *, verify: bool = True) -> nn.Module:
+    """Only the model's weights from a training checkpoint, into `model` (any world size);
+    verify: the files against the checkpoint's checksums.json first."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+    if verify:
+        check_checkpoint(path)
+    reader = safe_reader(path)
+    reader.read_metadata()  # here, so a refusal is ours (dcp.load would fold it into an AssertionError)
     state = {"model": get_model_state_dict(model)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=reader)
     set_model_state_dict(model, state["model"])
     return model
 
 
-__all__ = ["save_training_checkpoint", "load_training_checkpoint", "latest_checkpoint", "load_model_weights"]
+__all__ = ["save_training_checkpoint", "load_training_checkpoint", "latest_checkpoint", "load_model_weights",
+           "safe_reader", "check_checkpoint", "CheckpointError"]

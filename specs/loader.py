@@ -75,15 +75,24 @@ def _resolve(source) -> Path:
         return path
     if path.is_dir():
         raise SpecError("is a directory, not a spec file", file=str(path))
+    if path.exists():
+        raise SpecError("is not a regular file (a device, pipe or socket?); a spec is a YAML file", file=str(path))
     hint = ""
     if path.parent == Path(".") and path.stem in list_presets():  # "e8g8t8.yaml" meant as a preset
         hint = f"; the preset is spelled {path.stem!r}"
     raise SpecError(f"no such spec file{hint}", file=str(path))
 
 
+MAX_SPEC_BYTES = 1 << 20  # specs are a few hundred bytes; anything near this is the wrong file
+
+
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+        if len(raw) > MAX_SPEC_BYTES:
+            raise SpecError(f"is over {MAX_SPEC_BYTES} bytes; a spec is a short YAML file (wrong file?)", file=str(path))
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SpecError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=str(path)) from None
     except OSError as exc:
