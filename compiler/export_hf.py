@@ -93,8 +93,9 @@ def _common_checks(model: nn.Module, name: str, moe_idx: list[int], spec) -> int
                  and not _selections_agree(layers[i].mlp, spec if spec is not None else getattr(model, "_upcycle_spec", None))]
     if per_slice:
         raise ExportError(f"{name}: model.layers.{per_slice[0]}.mlp routes per shard position (router.selection: "
-                          "per_slice), which transformers' top-K routers cannot hold; train the last steps with "
-                          "upcycle.relax_routing(model) (examples/train.py relaxes by default) or use the native format")
+                          "per_slice), which transformers' top-K routers cannot hold once trained; save it in the native format "
+                          "(upcycle.load reads it), or switch it with upcycle.relax_routing(model) at a cost in quality "
+                          "(docs/algorithm.md §7)")
     hidden_act = getattr(model.config, "hidden_act", None)
     if hidden_act not in _ACT.get(c.activation, ()):
         raise ExportError(f"{name}: expert activation {c.activation} differs from hidden_act {hidden_act}")

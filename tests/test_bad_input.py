@@ -221,7 +221,7 @@ def test_full_disk_in_memory(good, tmp_path, capsys, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(saving, "st_save_model", boom)
-    _expect_error(capsys, tmp_path, [SPEC, str(good)], "No space left on device")
+    _expect_error(capsys, tmp_path, [SPEC, str(good), "--no-stream"], "No space left on device")
 
 
 def test_debug_shows_the_exception(tmp_path):
