@@ -305,7 +305,7 @@ STREAM_SPECS = {
     "qwen2_moe_shared": _spec(2, 4, 2, "softmax_then_topk", experts={"shared_experts": 1}),
     # every expert and router row distinct: a reordering would change the bytes
     "distinct": {**_spec(4, 2, 2, "softmax_then_topk", experts={"drop_upcycling": 0.5}),
-                 "router": {"type": "softmax_then_topk", "init": "random"}},
+                 "router": {"type": "softmax_then_topk", "init": "random", "selection": "topk"}},
 }
 
 

@@ -242,14 +242,14 @@ def _phases():
     from upcycle.compiler import loading, pipeline, streaming
 
     return {
-        "loading": ([], lambda: (loading, "load_model", 1)),
+        "loading": (["--no-stream"], lambda: (loading, "load_model", 1)),
         "mapping": ([], lambda: (pipeline, "moe_from_dense", 2)),
-        "writing": ([], lambda: (saving, "st_save_model", 1)),
+        "writing": (["--no-stream"], lambda: (saving, "st_save_model", 1)),
         "stream-reading": (["--stream"], lambda: (checkpoint.TensorReader, "get", 3)),
         "stream-writing": (["--stream", "--max-shard-size", "20KB"], lambda: (checkpoint.ShardWriter, "write", 7)),
         "hf-writing": (["--format", "hf"], lambda: (checkpoint.ShardWriter, "write", 4)),
         "stream-hf-mapping": (["--stream", "--format", "hf"], lambda: (streaming.MoEBuilder, "moe_for", 2)),
-        "manifest": ([], lambda: (saving, "write_metadata", 1)),
+        "manifest": (["--no-stream"], lambda: (saving, "write_metadata", 1)),
         "rename": ([], lambda: (atomic, "_replace", 1)),
     }
 
@@ -330,3 +330,14 @@ def test_real_signal_from_outside(bigger_model, tmp_path, when):
     check_refusal(proc.returncode, err, code=143 if sig == signal.SIGTERM else 130,
                   needle="terminated" if sig == signal.SIGTERM else "interrupted", out=out)
     assert entries(tmp_path) == set()
+
+
+@pytest.mark.parametrize("module", ["upcycle.compiler.cli"])
+def test_cli_modules_start_without_torch(module):
+    """The CLIs install their Ctrl-C / SIGTERM handling before torch loads (seconds on a cold
+    cache): importing their module must not pull torch in through a package __init__."""
+    import subprocess
+
+    code = f"import sys, {module}; sys.exit(3 if 'torch' in sys.modules else 0)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:] or f"{module} imports torch at start-up"

@@ -185,11 +185,11 @@ def test_python_writers_check_disk(tmp_path, monkeypatch):
 
 # ---- the plan table ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", [[], ["--stream"]])
+@pytest.mark.parametrize("mode", [[], ["--no-stream"], ["--stream"]])
 def test_dry_run_shows_estimates(model, capsys, monkeypatch, mode):
     assert run(["e8g1t2", str(model), "--dry-run", *mode]) == 0
     out = capsys.readouterr().out
-    what = "streaming conversion" if mode else "in-memory conversion"
+    what = "in-memory conversion" if mode == ["--no-stream"] else "streaming conversion"  # streaming: the default
     assert f"memory ({what}): about " in out and "available" in out and ": fits" in out
     assert "output: about " in out
     monkeypatch.setenv(resources.ENV_MEMORY, "1KB")
