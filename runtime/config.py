@@ -26,7 +26,7 @@ class MoEConfig:
     top_k: int  # T
     gated: bool  # GLU form: down(act(gate(x)) ⊙ up(x))
     activation: str  # a name from runtime.activations.ACTIVATIONS
-    router_type: str = "softmax_then_topk"
+    router_type: str = "topk_then_softmax"  # the spec default (specs/schema.py RouterSpec.type)
     first_bias: bool = False  # bias on gate/up projections
     output_bias: bool = False  # bias on the down projection
     router_bias: bool = False

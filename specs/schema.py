@@ -48,13 +48,16 @@ class ExpertsSpec:
 
 @dataclass(frozen=True)
 class RouterSpec:
-    type: RouterType = "softmax_then_topk"
+    # topk_then_softmax: exact at init for every E, G, T (a = G') and its combine weights always sum
+    # to 1, so the output scale cannot drift as the router sharpens; it out-trained softmax_then_topk
+    # at every scale measured (docs/reproduction.md: part A 3 seeds, SmolLM2 part B, the diagnostic)
+    type: RouterType = "topk_then_softmax"
     selection: RouterSelection = "auto"
     init: RouterInit = "virtual_group"
     # 0.02, not 1e-3, though 1e-3 starts closer to dense (SmolLM2 E8G8T8: 1.00x the dense perplexity,
     # 0.02: 1.10x): with 1e-3 the groups' logits are so close that the first optimizer step reorders
     # them, tokens stop seeing whole copies of the dense MLP, and SmolLM2 E8G8T8 trained far worse
-    # (experiments/results/REPORT.md, part B; README "Defaults")
+    # (docs/reproduction.md; experiments/results/REPORT.md, part B)
     init_std: float = 0.02
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0

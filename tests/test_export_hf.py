@@ -346,7 +346,13 @@ def test_cli_stream_format_hf(tmp_path, capsys):
     _llama(layers=2).save_pretrained(src)
     assert run(["e8g1t2", str(src), "-o", str(tmp_path / "out"), "--stream", "--format", "hf", "--no-progress"]) == 0
     assert "transformers format; streamed" in capsys.readouterr().out
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "qwen2_moe"
+    # the default e8g1t2 (topk_then_softmax) is Mixtral's routing; the paper's softmax_then_topk keeps
+    # unnormalised top-K weights: Qwen2-MoE with norm_topk_prob off
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "mixtral"
+    assert run(["paper-e8g1t2", str(src), "-o", str(tmp_path / "paper"), "--stream", "--format", "hf",
+                "--no-progress"]) == 0
+    paper = json.loads((tmp_path / "paper" / "config.json").read_text())
+    assert paper["model_type"] == "qwen2_moe" and paper["norm_topk_prob"] is False
     import transformers
 
     torch.manual_seed(0)

@@ -137,7 +137,7 @@ def test_moe_inputs_get_one_clear_line(dense_dir, tmp_path, capsys):
 
     native, hf = tmp_path / "native", tmp_path / "hf"
     assert run(["e8g1t2", str(dense_dir), "-o", str(native), "--no-progress"]) == 0
-    assert run(["e8g1t2", str(dense_dir), "-o", str(hf), "--no-progress", "--format", "hf"]) == 0
+    assert run(["paper-e8g1t2", str(dense_dir), "-o", str(hf), "--no-progress", "--format", "hf"]) == 0
     mixtral = tmp_path / "mixtral"
     MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                                      num_key_value_heads=2, vocab_size=96, num_local_experts=4)).save_pretrained(mixtral)
@@ -176,7 +176,8 @@ def test_qwen2_moe_export_loads_without_warnings(dense_dir, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    assert run(["e8g1t2", str(dense_dir), "-o", str(tmp_path / "hf"), "--no-progress", "--format", "hf"]) == 0
+    # the paper's router (softmax_then_topk) goes to Qwen2-MoE; the default e8g1t2 to Mixtral
+    assert run(["paper-e8g1t2", str(dense_dir), "-o", str(tmp_path / "hf"), "--no-progress", "--format", "hf"]) == 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")

@@ -82,9 +82,15 @@ def test_each_router_type_weights_and_rules(name):
 def test_report_legend_is_the_router_types_line(tiny_llama):
     from upcycle import compile_upcycle
 
-    _, report = compile_upcycle(tiny_llama, {"experts": {"expansion": 2, "granularity": 1, "top_k": 2}},
+    import copy
+
+    _, report = compile_upcycle(copy.deepcopy(tiny_llama), {"experts": {"expansion": 2, "granularity": 1, "top_k": 2}},
                                 return_report=True)
-    assert router_type("softmax_then_topk").expected.format(top_k=2) in " ".join(report.legend())
+    assert report.spec["router"]["type"] == "topk_then_softmax"  # the default: exact at init
+    assert "must be exact: this spec reproduces the dense MLP exactly" in " ".join(report.legend())
+    _, paper = compile_upcycle(tiny_llama, {"experts": {"expansion": 2, "granularity": 1, "top_k": 2},
+                                            "router": {"type": "softmax_then_topk"}}, return_report=True)
+    assert router_type("softmax_then_topk").expected.format(top_k=2) in " ".join(paper.legend())
 
 
 # -------------------------------------------------------------------------------------- backends

@@ -124,9 +124,10 @@ def test_per_slice_grouped_backend_matches_reference_fwd_bwd(router_type):
 def test_output_multiplier_placement_same_function_dense_scale_weights():
     w = dense(f=24, bias=True)
     x = torch.randn(40, w.d_model)
-    on_down = _untied(_moe_from(w, _spec(), "silu"))
+    paper = _spec(type="softmax_then_topk")  # a = E·G²/T = 16: the factor whose placement is tested
+    on_down = _untied(_moe_from(w, paper, "silu"))
     assert on_down.router.selection == "per_slice"  # auto, E4G4T4
-    as_output = _untied(_moe_from(w, load_spec({**_spec().to_dict(), "scaling_placement": "output"}), "silu"))
+    as_output = _untied(_moe_from(w, load_spec({**paper.to_dict(), "scaling_placement": "output"}), "silu"))
     assert as_output.config.output_multiplier == 16.0 and on_down.config.output_multiplier == 1.0
     assert on_down.config.scale_factor == as_output.config.scale_factor == 16.0
     # weights at the dense scale: the down projections of one copy are the dense ones
@@ -165,7 +166,7 @@ def test_combine_mass_is_one_at_uniform_router_and_follows_sharpening():
 
 def test_telemetry_reports_mass_and_complete_fraction():
     cfg = dict(d_model=16, d_expert=8, num_experts=32, top_k=8, gated=True, activation="silu",
-               virtual_group_size=8, scale_factor=32.0, backend="reference")
+               virtual_group_size=8, scale_factor=32.0, backend="reference", router_type="softmax_then_topk")
     torch.manual_seed(0)
     x = torch.randn(64, 16)
     fractions = {}

@@ -32,7 +32,7 @@ from upcycle.specs import (
 )
 from upcycle.specs.validate import SECTION_KEYS, TOP_KEYS
 
-PRESETS = ["e8g8t8", "paper-e8g8t8", "e8g1t2", "e8g1t2-topk-then-softmax", "e8g8t8-every-other", "sparse-upcycling-e8g1t2"]
+PRESETS = ["e8g8t8", "paper-e8g8t8", "e8g1t2", "paper-e8g1t2", "e8g1t2-topk-then-softmax", "e8g8t8-every-other", "sparse-upcycling-e8g1t2"]
 
 
 def load_text(tmp_path, text: str, name: str = "spec.yaml") -> UpcycleSpec:
@@ -75,8 +75,14 @@ def test_preset_contents():
     e8g8t8 = load_spec("e8g8t8")
     assert (e8g8t8.experts.expansion, e8g8t8.experts.granularity, e8g8t8.experts.top_k) == (8, 8, 8)
     assert e8g8t8.experts.num_experts == 64
-    assert e8g8t8.router.type == "softmax_then_topk" and e8g8t8.router.init == "virtual_group"
-    assert e8g8t8.weight_scaling == "auto"
+    assert e8g8t8.router.type == "topk_then_softmax" and e8g8t8.router.init == "virtual_group"
+    assert e8g8t8.router.selection == "per_slice" and e8g8t8.weight_scaling == "auto"
+    # the paper's recipes, kept for comparison
+    paper = load_spec("paper-e8g8t8")
+    assert (paper.router.type, paper.router.selection) == ("softmax_then_topk", "topk")
+    paper_coarse = load_spec("paper-e8g1t2")
+    assert paper_coarse.router.type == "softmax_then_topk" and paper_coarse.experts.num_experts == 8
+    assert load_spec("e8g1t2").router.type == "topk_then_softmax"
 
     mixtral = load_spec("e8g1t2-topk-then-softmax")
     assert mixtral.router.type == "topk_then_softmax" and mixtral.experts.num_experts == 8
