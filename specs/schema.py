@@ -54,7 +54,7 @@ class RouterSpec:
     # 0.02, not 1e-3, though 1e-3 starts closer to dense (SmolLM2 E8G8T8: 1.00x the dense perplexity,
     # 0.02: 1.10x): with 1e-3 the groups' logits are so close that the first optimizer step reorders
     # them, tokens stop seeing whole copies of the dense MLP, and SmolLM2 E8G8T8 trained far worse
-    # (experiments/results/REPORT.md, part B; README "Defaults")
+    # (docs/reproduction.md; experiments/results/REPORT.md, part B)
     init_std: float = 0.02
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
