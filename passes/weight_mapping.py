@@ -308,7 +308,7 @@ def virtual_group_ok(spec: UpcycleSpec) -> bool:
 
 
 def expected_exact(spec: UpcycleSpec, scale: Scaling) -> bool:
-    """Cases where the upcycled layer must equal the dense MLP (docs/algorithm.md §5)."""
+    """Cases where the upcycled layer must equal the dense MLP (docs/algorithm.md §6)."""
     ex = spec.experts
     if not router_type(spec.router.type).exact_at_init or ex.drop_upcycling > 0:
         return False

@@ -2,7 +2,7 @@
 module defines one entry, so adding an entry is adding one file.
 
 Why files, not a list edited by hand: the spec schema, the JSON Schema, the CLI choices, the report
-and the README table are all derived from the entries, so a list kept elsewhere would be one more
+and the docs' tables (docs/export.md) are all derived from the entries, so a list kept elsewhere would be one more
 place to forget. `collect` imports every module of the package (in name order) and gathers the
 object each one names `ENTRY`; entries sort by their `order` (then name), which fixes the order
 shown in messages and help texts.

@@ -63,6 +63,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "relu2")], ids=["swiglu", "relu2"])
 def test_compiled_training_matches_eager_without_recompiles(gated, activation, fresh_dynamo):
     model = _model(gated=gated, activation=activation)

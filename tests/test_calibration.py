@@ -137,6 +137,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "upcycle.compiler.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_calibration_errors_are_one_line(src, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")

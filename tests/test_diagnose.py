@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_diagnose_quick_runs_and_reports(tmp_path):
     cmd = [sys.executable, str(ROOT / "experiments" / "diagnose.py"), "--quick", "--out", str(tmp_path),
            "--only", "dense", "recipe", "per_slice", "per_slice_relax50", "e8g1t2_output"]

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# every test here launches torchrun (gloo, 2 processes); the slow ones are marked one by one
+pytestmark = pytest.mark.dist
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -40,6 +43,7 @@ def _close(a, b, tol=1e-6):
     assert ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() <= tol
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), ("--checkpointing",)], ids=["fsdp", "fsdp+checkpointing"])
 def test_fsdp_two_ranks_match_one_process(tmp_path, extra):
     (tmp_path / "two").mkdir()
@@ -63,6 +67,7 @@ def test_fsdp_with_per_block_compile_matches_one_process(tmp_path):
     _close(two[0]["params"], one[0]["params"], 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saved,resumed", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
 def test_dcp_checkpoint_resumes_on_another_world_size(tmp_path, saved, resumed):
     saver = _run(saved, "dcp_save", tmp_path)
@@ -90,6 +95,7 @@ def test_expert_parallel_layer_equals_the_single_process_layer(tmp_path, backend
     assert any(idle) and not all(idle)  # some experts got no tokens at all
 
 
+@pytest.mark.slow
 def test_expert_parallel_with_fsdp_matches_one_process(tmp_path):
     """EP x FSDP on the same 2 ranks. Losses equal to 1e-6; parameters to 1e-3 relative: expert
     gradients are summed over ranks then divided (the reference averages micro-batches), and
@@ -102,6 +108,7 @@ def test_expert_parallel_with_fsdp_matches_one_process(tmp_path):
     _close(two[0]["params"], one[0]["params"], 1e-3)
 
 
+@pytest.mark.slow
 def test_expert_parallel_checkpoint_resumes_in_one_process(tmp_path):
     saver = _run(2, "dcp_save", tmp_path, "--ep")
     resumed = _run(1, "dcp_resume", tmp_path, "--from-world", "2")

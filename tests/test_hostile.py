@@ -365,6 +365,7 @@ def test_python_api_refuses_the_same(good, tmp_path):
     assert (home / "notes.txt").read_text() == "keep"
 
 
+@pytest.mark.slow
 def test_subprocess_refusals_have_no_traceback(good, tmp_path, marker):
     """The same rules through the real entry point (a fresh interpreter, stderr as a user sees it)."""
     evil = _armed_export_archive(tmp_path, marker)

@@ -186,6 +186,7 @@ def test_missing_parents_are_created_and_kept_on_success(model, tmp_path):
     assert (out / "upcycle.json").is_file() and entries(out.parent) == {"out"}
 
 
+@pytest.mark.slow
 def test_real_file_size_limit_every_mode(model, tmp_path, run_dir):
     """ulimit -f 64 KB: each writer's own write fails with EFBIG (safetensors' Rust writer included),
     in a child process; SIGXFSZ ignored, as a shell with `ulimit -f` set would have it."""
@@ -312,6 +313,7 @@ def _signal_when(proc, sig, *, after=None, folder=None, torch_loading=False, tim
     return proc.communicate(timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["start-up", "after-4s", "writing", "sigterm"])
 def test_real_signal_from_outside(bigger_model, tmp_path, when):
     import subprocess

@@ -97,7 +97,7 @@ def _smollm2_estimates(spec="e8g8t8"):
 
 
 def test_estimates_agree_with_measured_peaks():
-    """README's measured peak RSS of SmolLM2-135M e8g8t8 (whole process, 0.25 GB of it the interpreter
+    """docs/benchmarks.md's measured peak RSS of SmolLM2-135M e8g8t8 (whole process, 0.25 GB of it the interpreter
     with torch and transformers): 3.8 GB in memory, 0.74 GB streamed. The estimates, which exclude the
     interpreter, must be within 0.7x-1.6x of the rest, so they neither refuse jobs that fit nor let
     through ones that do not."""

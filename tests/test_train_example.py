@@ -34,6 +34,7 @@ def _losses(run):
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_identical_losses(tmp_path):
     _train(tmp_path / "a")
     _train(tmp_path / "b", expect=-9, UPCYCLE_TRAIN_KILL_AT_STEP="6")  # SIGKILL in step 7: last checkpoint 4
@@ -51,6 +52,8 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
     assert "tokens/s" in out and "peak memory" in out
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_two_processes_match_accumulation_and_export(tmp_path):
     # relaxed half-way, so the sharded run's last checkpoint has a transformers format (a trained
     # per-slice model has none)
@@ -86,6 +89,7 @@ def test_two_processes_match_accumulation_and_export(tmp_path):
     assert export_main([str(tmp_path / "nothing"), "-o", str(tmp_path / "x")]) == 2
 
 
+@pytest.mark.slow
 def test_per_slice_run_relaxes_and_exports_to_transformers_exactly(tmp_path):
     """A model trained with per_slice routing ends its run on plain top-K (--relax-routing-at, 0.9 by
     default; 0.5 here), so its last checkpoint exports to a transformers format, equal to what was

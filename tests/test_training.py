@@ -306,6 +306,7 @@ def test_capacity_factor_in_the_layer_reports_drops():
 
 # --- bias balancing ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router_type", ["softmax_then_topk", "topk_then_softmax"])
 def test_bias_balancing_reduces_imbalance(router_type):
     """The skewed toy of benchmarks/balancing.py: two of eight experts take most slots."""
@@ -399,6 +400,7 @@ def test_whole_group_fraction_is_one_at_virtual_group_init(tiny_llama):
 
 # --- compile -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fullgraph_compile_with_every_training_feature():
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -500,6 +502,8 @@ def _bias_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_bias_counts_and_telemetry_are_summed_over_ranks(tmp_path):
     import torch.multiprocessing as mp
 

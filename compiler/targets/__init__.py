@@ -1,8 +1,8 @@
 """Export targets: the transformers MoE formats `--format hf` writes, one module per format
 (runtime/registry.py). A target module carries everything about its format: the dense families
 it holds, the router modes it can express and how (config fields), what it lacks (each check one
-clause of the error a user sees), its config, its tensor names and layout, and the line the README's
-export table gives its exactness. compiler/export_hf.py chooses among them; the CLI's --target
+clause of the error a user sees), its config, its tensor names and layout, and the line the export
+table of docs/export.md gives its exactness. compiler/export_hf.py chooses among them; the CLI's --target
 choices and the export record are read from here.
 
 Adding a format is one new module here with a `Target` subclass as ENTRY, plus its tests.

@@ -101,7 +101,7 @@ class Target:
     differs from the common case."""
 
     name = ""  # --target NAME (the transformers model_type)
-    title = ""  # in messages and the README
+    title = ""  # in messages and docs/export.md
     architecture = ""  # the transformers class, e.g. "MixtralForCausalLM"
     config_class = ""  # e.g. "MixtralConfig"
     sources: tuple[str, ...] = ()  # dense model types whose every other layer the format holds as is
@@ -115,7 +115,7 @@ class Target:
     shared_in_expert_widths = False  # its shared expert is a whole number of expert widths
     trained_bias = False  # holds a trained aux-loss-free routing bias (router.balancing: bias)
     router_loss = True  # its forward adds the load-balancing loss (router_aux_loss_coef) in training
-    exactness = ""  # what equals ours, for the README table and the export record
+    exactness = ""  # what equals ours, for docs/export.md's table and the export record
     order = 100  # among targets that fit exactly, the lowest order is the default
 
     # -- fitting -----------------------------------------------------------------------------

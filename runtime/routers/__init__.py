@@ -26,7 +26,7 @@ class RouterType:
     # (logits, probs, indices) -> [tokens, K] combine weights of the kept experts
     weights: Callable
     # (E, G', T) -> the factor a that `weight_scaling: auto` puts on every expert's output so a
-    # token's kept experts add up to the dense MLP's scale (UPCYCLING.md §4)
+    # token's kept experts add up to the dense MLP's scale (docs/algorithm.md §5)
     scaling: Callable[[int, int, int], float]
     # kept weights sum to 1, so T = G' shards of one virtual group, each weighted 1/G', times a = G'
     # rebuild the dense MLP exactly: the layer can start exact

@@ -17,7 +17,7 @@ ENTRY = RouterType(
     # kept weights sum to 1: one virtual group's G' shards weighted 1/G' each, so a = G'
     scaling=lambda e, g, t: float(g),
     exact_at_init=True,
-    expected=("this spec does not reproduce the dense MLP exactly (see the README's 'which specs are "
-              "exact'); the whole-model numbers below say how far the model moved"),
+    expected=("this spec does not reproduce the dense MLP exactly (docs/algorithm.md §6 lists "
+              "which specs are exact); the whole-model numbers below say how far the model moved"),
     order=1,
 )
