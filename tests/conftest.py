@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import warnings
 
 # Triton decides at import/decoration time whether it interprets kernels: on a machine without a
@@ -14,6 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 warnings.filterwarnings("ignore", message=".*bos_token_id.*")
+
+# A suite started in the background by a non-interactive shell (`cmd &`, nohup, CI wrappers) has
+# SIGINT ignored, and the CLIs rightly leave an ignored Ctrl-C ignored (children inherit it too):
+# the tests that deliver Ctrl-C need it deliverable, so give the process Python's own handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
