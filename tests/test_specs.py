@@ -96,6 +96,18 @@ def test_preset_contents():
     assert sparse.router.type == "topk_then_softmax"
 
 
+def test_runtime_router_default_is_the_spec_default():
+    """runtime/ does not import specs/ (a trained model needs no compiler), so MoEConfig repeats the
+    spec's router-type default: the two must not drift apart."""
+    import dataclasses
+
+    from upcycle.runtime.config import MoEConfig
+    from upcycle.specs.schema import RouterSpec
+
+    runtime_default = {f.name: f.default for f in dataclasses.fields(MoEConfig)}["router_type"]
+    assert runtime_default == RouterSpec().type == load_spec("e8g1t2").router.type
+
+
 def test_preset_by_path_and_pathlike(tmp_path):
     from upcycle.specs import PRESETS_DIR
 
