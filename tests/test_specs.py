@@ -86,6 +86,7 @@ def test_preset_contents():
 
     mixtral = load_spec("e8g1t2-topk-then-softmax")
     assert mixtral.router.type == "topk_then_softmax" and mixtral.experts.num_experts == 8
+    assert mixtral.to_dict() == load_spec("e8g1t2").to_dict()  # kept as a name for the default e8g1t2
 
     mixed = load_spec("e8g8t8-every-other")
     assert mixed.layers == LayerSelection(mode="every", every=2, offset=0)
