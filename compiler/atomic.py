@@ -12,6 +12,8 @@ read-only or foreign folder, Ctrl-C): nothing, the previous output, or the compl
 - missing parent folders are created, and removed again if the run fails;
 - the old output is moved aside before the new one is renamed into place and deleted after, and
   Ctrl-C is held back during that step and during clean-up, so no moment loses both;
+- in a command-line run (`end_interrupts_at_commit`) an interrupt after the rename is ignored: the
+  output is complete and the run only prints and exits, so it must not say nothing was written;
 - an OS failure anywhere inside becomes an `OutputError` naming the output path and the cause.
 """
 
@@ -31,15 +33,33 @@ from .os_errors import OutputError, describe, output_error
 OUTPUT_MARKERS = ("upcycle.json", "upcycle_export.json")  # what an earlier output of ours holds
 
 
+_interrupts_end_at_commit = False
+
+
+def end_interrupts_at_commit() -> None:
+    """For a process that ends once its output is in place (the CLIs, failures.run_as_process):
+    from a commit on, Ctrl-C and SIGTERM are ignored, so one landing while the last line prints
+    cannot turn a complete output into a reported failure. Library callers keep their interrupts."""
+    global _interrupts_end_at_commit
+    _interrupts_end_at_commit = True
+
+
+class _Held(list):
+    """The signals that arrived inside a held block; `committed` set by a block that passed its
+    point of no return (the rename), after which an interruption can no longer undo it."""
+
+    committed = False
+
+
 @contextlib.contextmanager
 def held_interrupts():
     """Ctrl-C (SIGINT) and SIGTERM wait until the block is done, then act (main thread only: signal
     handlers live there). Used around the few steps that must not stop half-way. Yields the list of
     signals that arrived, so a block can undo what it did before the interruption acts."""
     if threading.current_thread() is not threading.main_thread():
-        yield []
+        yield _Held()
         return
-    pending: list[int] = []
+    pending = _Held()
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -49,6 +69,10 @@ def held_interrupts():
     try:
         yield pending
     finally:
+        if pending.committed and _interrupts_end_at_commit:
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
+            return
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if pending:
@@ -201,6 +225,8 @@ def atomic_output(out_dir, *, force: bool = False, need_bytes: int | None = None
                 os.replace(out, tmp)
                 if old is not None:
                     os.replace(old / out.name, out)
+            else:
+                interrupted.committed = True
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
@@ -246,7 +272,7 @@ def staged_into(folder):
     made_folder = False
     try:
         yield tmp
-        with held_interrupts():
+        with held_interrupts() as held:
             if not folder.exists():
                 folder.mkdir()
                 made_folder = True
@@ -260,6 +286,7 @@ def staged_into(folder):
                 if p.name.startswith(WEIGHT_PREFIXES) and p.name not in names and p.is_file():
                     p.unlink()
             shutil.rmtree(tmp, ignore_errors=True)
+            held.committed = True
     except BaseException as exc:
         with held_interrupts():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -272,5 +299,5 @@ def staged_into(folder):
         raise err from None
 
 
-__all__ = ["atomic_output", "staged_into", "held_interrupts", "probe_writable", "check_replaceable", "check_not_input",
+__all__ = ["atomic_output", "staged_into", "held_interrupts", "end_interrupts_at_commit", "probe_writable", "check_replaceable", "check_not_input",
            "nearest_existing", "make_parents", "remove_created", "OUTPUT_MARKERS"]

@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .failures import EXIT_USER_ERROR, fail, install_sigterm, report
+from .failures import EXIT_USER_ERROR, fail, report, run_as_process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,12 +285,7 @@ def explain(discovery) -> str:
 
 
 def main() -> None:
-    install_sigterm()
-    try:
-        code = run()
-    except KeyboardInterrupt as exc:  # during argument parsing
-        code = report(PROG, exc)
-    sys.exit(code)
+    run_as_process(PROG, run)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .errors import ModelError, UpcycleError, brief
-from .failures import install_sigterm, report
+from .failures import report, run_as_process
 from .jsonfiles import read_json
 
 
@@ -142,9 +142,14 @@ PROG = "upcycle-export-run"
 
 
 def main(argv=None) -> int:
-    """The console script (exit code returned); run as one (argv None), SIGTERM ends it like Ctrl-C."""
+    """The exit code for `argv`; run as the console script (argv None) it is the whole process
+    (failures.run_as_process: SIGTERM like Ctrl-C, exits at once)."""
     if argv is None:
-        install_sigterm()
+        run_as_process(PROG, lambda: _run(None))
+    return _run(argv)
+
+
+def _run(argv) -> int:
     ap = argparse.ArgumentParser(prog="upcycle-export-run", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("-o", "--output", required=True)

@@ -8,6 +8,7 @@ tensor name, a path) can break the line or send escape sequences to the terminal
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -32,6 +33,48 @@ def install_sigterm() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
     except (ValueError, OSError):  # not the main thread
         pass
+
+
+def end_process(code: int):
+    """Exit now with `code`, without the interpreter's shutdown.
+
+    Why: the work is over (every output closed, synced and renamed into place, or removed), and
+    shutdown has two failure modes of its own. It first puts back the default signal dispositions,
+    so a Ctrl-C or SIGTERM landing in its last fraction of a second killed the process by the
+    signal (exit -2 / -15, no message) after the run had finished or already reported. And after an
+    interruption, threads of torch or of the shard writer can still be in C++ when shutdown ends
+    them, which aborts the process ("terminate called without an active exception", exit -6) after
+    the one-line message. Ignoring both signals, flushing the two streams and `os._exit` leaves
+    neither window."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except (ValueError, OSError):
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach the reader
+            pass
+    os._exit(code)
+
+
+def run_as_process(prog: str, body) -> None:
+    """Run a command-line tool's `body()` (returning its exit code) as the whole process: SIGTERM
+    ends it like Ctrl-C; once an output is in place further interrupts are ignored (the run only
+    prints its last line, and must not report a complete output as not written); the exit is
+    `end_process`'s."""
+    from .atomic import end_interrupts_at_commit
+
+    install_sigterm()
+    end_interrupts_at_commit()
+    try:
+        code = body()
+    except KeyboardInterrupt as exc:  # outside the body's own handling (argument parsing)
+        code = report(prog, exc)
+    except SystemExit as exc:  # argparse's --help and usage errors
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_INTERNAL_ERROR)
+    end_process(code)
 
 
 def printable(text: str, *, lines: bool = False) -> str:
@@ -93,5 +136,5 @@ def report(prog: str, exc: BaseException, *, debug: bool = False, what: str = "n
                 EXIT_INTERNAL_ERROR)
 
 
-__all__ = ["report", "fail", "printable", "install_sigterm", "Terminated", "EXIT_OK", "EXIT_USER_ERROR",
+__all__ = ["report", "fail", "printable", "install_sigterm", "end_process", "run_as_process", "Terminated", "EXIT_OK", "EXIT_USER_ERROR",
            "EXIT_INTERNAL_ERROR", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]

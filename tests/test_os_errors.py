@@ -334,6 +334,56 @@ def test_real_signal_from_outside(bigger_model, tmp_path, when):
     assert entries(tmp_path) == set()
 
 
+def test_cli_exit_is_not_aborted_by_threads_still_in_torch():
+    """A CLI ends through failures.end_process: interpreter shutdown, with a thread still inside a
+    torch op (as the shard writer's or torch's own can be after an interruption), aborts the process
+    with 'terminate called without an active exception' (exit -6) after the run reported; the CLI's
+    exit must be its own code whatever other threads are doing."""
+    import subprocess
+
+    code = ("import threading, time, torch\n"
+            "from upcycle.compiler.failures import run_as_process\n"
+            "def spin():\n"
+            "    a = torch.randn(256, 256)\n"
+            "    while True:\n"
+            "        torch.mm(a, a)\n"
+            "def body():\n"
+            "    for _ in range(2):\n"
+            "        threading.Thread(target=spin, daemon=True).start()\n"
+            "    time.sleep(0.3)\n"
+            "    return 7\n"
+            "run_as_process('x', body)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 7, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "terminate called" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_signal_after_the_output_is_in_place_keeps_the_run_successful(model, tmp_path):
+    """SIGTERM landing after the rename, while the CLI prints its last line: the output is complete,
+    so the run must end 0 with it (not 'no output was written' beside a complete folder). The
+    signal is sent by the process itself at its 'wrote' line, so the moment is exact."""
+    import subprocess
+
+    out = tmp_path / "out"
+    code = ("import os, signal, sys, time\n"
+            "real = sys.stdout.write\n"
+            "def write(text):\n"
+            "    if text.startswith('wrote '):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(0.2)\n"
+            "    return real(text)\n"
+            "sys.stdout.write = write\n"
+            f"sys.argv = ['upcycle-compile', 'e8g8t8', {str(model)!r}, '-o', {str(out)!r}, '--no-progress']\n"
+            "from upcycle.compiler.cli import main\n"
+            "main()\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert f"wrote {out}" in proc.stdout and (out / "upcycle.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 @pytest.mark.parametrize("module", ["upcycle.compiler.cli"])
 def test_cli_modules_start_without_torch(module):
     """The CLIs install their Ctrl-C / SIGTERM handling before torch loads (seconds on a cold
