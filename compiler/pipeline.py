@@ -295,7 +295,7 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, calibration=No
     _set_training(model, False)
     discovery, selection, plan = analyse(model, spec)
     if not structure_only and not force_resources:
-        from .preflight import check_loaded
+        from .resources import check_loaded
 
         check_loaded(plan, spec, model)
     if not structure_only:
@@ -313,7 +313,7 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, calibration=No
                 if f.key in targets and f.match.up.kind == "module":
                     unit = _unit_of(model, f)
                     first = unit.get_submodule(f.match.up.module_path)
-                    capture.watch(f.key, first, first)
+                    capture.watch(f.key, first)
             try:
                 with torch.no_grad():
                     dense_logits = _model_output(model, probe)

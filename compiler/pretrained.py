@@ -19,15 +19,12 @@ name whose `save_pretrained` finishes the folder as an upcycle output:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch.nn as nn
 
-from .errors import ModelError, brief
-from .jsonfiles import read_json
-
-MODEL_TYPE = "upcycle"
+# the folder's format and its writers (finish_folder is looked up here at each save: tests interrupt it)
+from .output_folder import MODEL_TYPE, base_config_dict, finish_folder, patch_config, state_bytes  # noqa: F401
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -74,64 +71,9 @@ class _UpcycledMixin:
 
         if not force_resources:  # a full disk is refused before the first byte, not half-way
             from .resources import FILES_OVERHEAD_BYTES, check_disk
-            from .saving import state_bytes
 
             check_disk(state_bytes(self) + FILES_OVERHEAD_BYTES, save_directory)
         with staged_into(save_directory) as tmp:
             result = super().save_pretrained(str(tmp), *args, is_main_process=True, **kwargs)
             finish_folder(tmp, self._upcycle_spec, self._upcycle_base.__name__, self._upcycle_rewrites)
         return result
-
-
-def patch_config(config_path: Path) -> None:
-    """config.json of an upcycled model: model_type "upcycle", the dense model_type kept."""
-    d = read_json(config_path, what="config.json")
-    if d.get("model_type") == MODEL_TYPE:
-        return
-    d["upcycle"] = {"base_model_type": d.get("model_type"), "load_with": "upcycle.load(folder)"}
-    d["model_type"] = MODEL_TYPE
-    config_path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
-
-
-def base_config_dict(config_path: Path) -> dict:
-    """config.json as the dense model's config class expects it (model_type restored)."""
-    d = read_json(config_path, what="config.json")
-    if d.get("model_type") == MODEL_TYPE:
-        d = dict(d)
-        d["model_type"] = d.pop("upcycle", {}).get("base_model_type")
-    return d
-
-
-def load_base_config(folder: Path):
-    """The dense model's transformers config of an upcycle folder (either config.json flavour)."""
-    from .loading import _transformers
-
-    tf = _transformers()
-    d = base_config_dict(folder / "config.json")
-    model_type = d.pop("model_type", None)
-    d.pop("auto_map", None)  # never remote code
-    try:
-        return tf.AutoConfig.for_model(model_type, **d)
-    except Exception as exc:
-        raise ModelError(f"{folder / 'config.json'}: cannot read as a transformers config (model_type "
-                         f"{model_type!r}: {brief(exc)})") from None
-
-
-def finish_folder(folder: Path, spec, model_class: str, rewrites: list) -> None:
-    from upcycle.specs import dump_spec
-
-    from .integrity import file_entries
-    from .saving import FORMAT_VERSION, MANIFEST, SPEC
-
-    patch_config(folder / "config.json")
-    (folder / SPEC).write_text(dump_spec(spec))
-    files = file_entries(folder, skip=(MANIFEST,))  # sha256 at disk speed: ~2 s for a 2.8 GB model
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "source_kind": "transformers",
-        "model_class": model_class,
-        "saved_by": "save_pretrained",
-        "rewrites": rewrites,
-        "files": files,
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
