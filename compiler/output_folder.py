@@ -2,7 +2,7 @@
 
 Every output mode writes through here: `upcycle.save` / `upcycle-compile -o` (saving.py), the
 streaming conversion (streaming.py, native and --format hf), the transformers export (export_hf.py)
-and an upcycled model's `save_pretrained` (pretrained.py). The weights are each mode's own (one
+and an upcycled model's `save_pretrained` (runtime/pretrained.py). The weights are each mode's own (one
 safetensors file, or shards through checkpoint.ShardWriter); what surrounds them is written here,
 so the modes cannot drift apart. Whether an output may be written where it is asked for (it must not
 exist, or be an earlier output replaced with --force, and must not overlap the input) is one rule
@@ -140,7 +140,7 @@ def write_metadata(tmp: Path, *, spec, kind: str, model_class: str, source, repo
 
 def finish_folder(folder: Path, spec, model_class: str, rewrites: list) -> None:
     """Make what transformers' save_pretrained wrote into a native folder: config patched, spec,
-    manifest (pretrained.py)."""
+    manifest (runtime/pretrained.py)."""
     from .integrity import file_entries
 
     patch_config(Path(folder) / CONFIG)

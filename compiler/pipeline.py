@@ -38,7 +38,7 @@ from upcycle.specs.schema import UpcycleSpec
 
 from .calibration import calibration_batch, tokenizer_of
 from .errors import ModelError, VerificationError
-from .pretrained import mark_upcycled
+from upcycle.runtime.pretrained import mark_upcycled
 from .plan import Plan, build_plan, moe_config_for
 from .report import Report
 

@@ -6,7 +6,7 @@ dense export program kept beside the weights), replays the rewrite without initi
 (pipeline.upcycle_model, structure_only) and loads the weights strictly, so every tensor must be
 accounted for. Every file is first checked against the manifest's size and sha256 (integrity.py).
 The folder's format is output_folder.py's; the writers are saving.py, streaming.py, export_hf.py
-and pretrained.py (save_pretrained).
+and runtime/pretrained.py (save_pretrained).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .integrity import plain_name, verify_folder
 from .jsonfiles import read_json
 from .loading import build_transformers_skeleton, load_export, tied_aliases
 from .output_folder import CONFIG, DENSE_PROGRAM, INDEX, MANIFEST, SPEC, WEIGHTS, base_config_dict
-from .pretrained import mark_upcycled
+from upcycle.runtime.pretrained import mark_upcycled
 
 
 def read_manifest(path: Path) -> dict:
