@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from upcycle.runtime.activations import REGISTRY
-from upcycle.runtime.moe import MoELayer
+from upcycle.runtime.moe import MoELayer, moe_layers
 from upcycle.specs import load_spec
 
 from .atomic import atomic_output, check_output
@@ -54,7 +54,7 @@ def _no_format(name: str, model_type: str | None) -> ExportError:
 
 def _layer_kinds(model: nn.Module, name: str) -> tuple[list[int], list[int]]:
     layers = _layers(model)
-    moe_paths = {n for n, m in model.named_modules() if isinstance(m, MoELayer)}
+    moe_paths = set(moe_layers(model))
     moe_idx, dense_idx = [], []
     for i, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None)

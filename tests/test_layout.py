@@ -198,3 +198,19 @@ def test_load_into_is_exported_and_reloads_a_plain_module(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(x), moe.eval()(x))
     assert sum(isinstance(m, upcycle.MoELayer) for m in again.modules()) == 2
+
+
+def test_the_moe_layer_walk_is_one_helper_without_a_circle():
+    """moe_layers lives in runtime/layers.py, which imports nothing of the runtime: the pieces
+    MoELayer is built from walk a model without importing moe.py back."""
+    graph = _graph("runtime")
+    assert graph["upcycle.runtime.layers"] == set()
+    for cycle in _cycles(graph):
+        assert "upcycle.runtime.moe" not in cycle, cycle
+    for name in ("losses", "telemetry", "balancing", "token_mask", "expert_parallel", "distributed"):
+        src = (ROOT / "runtime" / f"{name}.py").read_text()
+        assert "moe_layers(" in src and "named_modules()" not in src, name
+    from upcycle.runtime import MoELayer, moe_layers
+    from upcycle.runtime.layers import MoELayerBase, moe_layers as walk
+
+    assert moe_layers is walk and issubclass(MoELayer, MoELayerBase)
