@@ -26,7 +26,7 @@ else:
         # only once they can report a Ctrl-C in one line (compiler/failures.py).
         import importlib
 
-        if name in ("compile_upcycle", "load", "save", "UpcycleError", "plan_upcycle"):
+        if name in ("compile_upcycle", "load", "load_into", "save", "UpcycleError", "plan_upcycle"):
             return getattr(importlib.import_module(".compiler", __name__), name)
         if name in _RUNTIME:
             return getattr(importlib.import_module(".runtime", __name__), name)
@@ -34,5 +34,5 @@ else:
             return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module 'upcycle' has no attribute {name!r}")
 
-    __all__ = ["compile_upcycle", "load", "save", "plan_upcycle", "UpcycleError", "MoEConfig", "MoELayer",
+    __all__ = ["compile_upcycle", "load", "load_into", "save", "plan_upcycle", "UpcycleError", "MoEConfig", "MoELayer",
                "aux_loss", "read_router_stats", "relax_routing", "set_aux_loss_scale", "update_expert_bias", "__version__"]

@@ -35,13 +35,12 @@ def rss(field):
 
 spec, model, out, mode = sys.argv[1:5]
 if mode == "load":  # `model` is an output folder here
-    from upcycle.compiler import saving
-    from upcycle.compiler.pretrained import load_base_config
+    from upcycle.compiler import reload
 
     folder = Path(model)
-    config = load_base_config(folder)
-    sizes = [f.stat().st_size for f in saving.weight_files(folder)]
-    est = resources.loading(saving._dense_bytes(config, saving._config_dtype(config)), sum(sizes), max(sizes))
+    config = reload.load_base_config(folder)
+    sizes = [f.stat().st_size for f in reload.weight_files(folder)]
+    est = resources.loading(reload._dense_bytes(config, reload._config_dtype(config)), sum(sizes), max(sizes))
     upcycle.load(folder, verify=False)  # imports and class resolution out of the measurement
     Path("/proc/self/clear_refs").write_text("5")
     before = rss("VmRSS")

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     from smollm2_upcycle import smollm2_dir
-    from textdata import pack, token_split
+    from upcycle.runtime.training.data import pack, token_split
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from upcycle import compile_upcycle

@@ -13,7 +13,9 @@ def __getattr__(name):
 
     if name in _PIPELINE:
         return getattr(importlib.import_module(".pipeline", __name__), name)
-    if name in ("load", "save"):
+    if name in ("load", "load_into"):
+        return getattr(importlib.import_module(".reload", __name__), name)
+    if name == "save":
         return getattr(importlib.import_module(".saving", __name__), name)
     if name.isidentifier() and not name.startswith("__"):
         try:
@@ -24,5 +26,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["compile_upcycle", "plan_upcycle", "upcycle_model", "load", "save", "UpcycleError", "SpecError",
+__all__ = ["compile_upcycle", "plan_upcycle", "upcycle_model", "load", "load_into", "save", "UpcycleError", "SpecError",
            "ModelError", "VerificationError"]

@@ -29,8 +29,9 @@ from pathlib import Path
 
 from .errors import UpcycleError
 from .os_errors import OutputError, describe, output_error
-
-OUTPUT_MARKERS = ("upcycle.json", "upcycle_export.json")  # what an earlier output of ours holds
+from .output_folder import OUTPUT_MARKERS  # what an earlier output of ours holds
+from . import resources
+from .resources import nearest_existing  # noqa: F401  (re-exported)
 
 
 _interrupts_end_at_commit = False
@@ -104,6 +105,22 @@ def check_not_input(out: Path, inputs) -> None:
                                "(the input is never changed)")
 
 
+def check_output(out, force: bool, inputs=()) -> None:
+    """The one rule for where an output may go, applied by every output mode: not overlapping an
+    input (`check_not_input`), and absent or, with force, an earlier output (`check_replaceable`).
+    `atomic_output` applies it again when it starts writing."""
+    out = Path(out)
+    check_not_input(out, inputs)
+    check_replaceable(out, force)
+
+
+def check_output_location(out, force: bool, inputs=()) -> None:
+    """The CLIs' check before any work: `check_output`, then a temp folder made and removed where
+    the output will go (`probe_writable`), so a read-only or foreign location fails in seconds."""
+    check_output(out, force, inputs)
+    probe_writable(out)
+
+
 def check_replaceable(out: Path, force: bool) -> None:
     """An existing `out` may be replaced only with force, and only if it is an earlier output."""
     if not (out.exists() or out.is_symlink()):
@@ -121,14 +138,6 @@ def check_replaceable(out: Path, force: bool) -> None:
     if not empty and not any((out / m).is_file() for m in OUTPUT_MARKERS):
         raise UpcycleError(f"{out}: exists and is not an upcycle output (no {' or '.join(OUTPUT_MARKERS)}); --force "
                            "replaces only earlier outputs: remove it yourself or choose another -o")
-
-
-def nearest_existing(path: Path) -> Path:
-    """`path` or its closest ancestor that exists (where free space and permissions are checked)."""
-    p = Path(os.path.abspath(path))
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
 
 
 def make_parents(folder: Path) -> list[Path]:
@@ -206,14 +215,11 @@ def atomic_output(out_dir, *, force: bool = False, need_bytes: int | None = None
     space first (resources.check_disk; force_resources skips). inputs: paths the output must not
     overlap."""
     out = Path(out_dir)
-    check_not_input(out, inputs)
-    check_replaceable(out, force)
+    check_output(out, force, inputs)
     tmp, created = _make_temp(out)
     try:
         if need_bytes is not None and not force_resources:
-            from .resources import check_disk
-
-            check_disk(need_bytes, out)
+            resources.check_disk(need_bytes, out)
         yield tmp
         for p in tmp.iterdir():  # mkdtemp and some writers use private modes; outputs are ordinary files
             if p.is_file():
@@ -299,5 +305,6 @@ def staged_into(folder):
         raise err from None
 
 
-__all__ = ["atomic_output", "staged_into", "held_interrupts", "end_interrupts_at_commit", "probe_writable", "check_replaceable", "check_not_input",
+__all__ = ["atomic_output", "staged_into", "held_interrupts", "end_interrupts_at_commit", "probe_writable", "check_output",
+           "check_output_location", "check_replaceable", "check_not_input",
            "nearest_existing", "make_parents", "remove_created", "OUTPUT_MARKERS"]

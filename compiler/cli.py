@@ -133,11 +133,9 @@ def _run(args) -> int:
     if not args.dry_run and not args.output:
         return _fail("give an output folder with -o OUT (or use --dry-run to only see the plan)", EXIT_USER_ERROR)
     if args.output and not args.dry_run:  # the output's location, before any work
-        from .atomic import check_not_input, check_replaceable, probe_writable
+        from .atomic import check_output_location
 
-        check_not_input(Path(args.output), [args.model, args.config])
-        check_replaceable(Path(args.output), args.force)
-        probe_writable(args.output)
+        check_output_location(args.output, args.force, [args.model, args.config])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SpecWarning)
         spec = load_spec(args.spec)
@@ -182,25 +180,16 @@ def _run(args) -> int:
         common = dict(config=args.config, force=args.force, max_shard_bytes=shard, progress=_bars(args),
                       dtype=dtypes[args.dtype], force_resources=args.force_resources, calibration=text,
                       calibration_name=_calib_name(args))
-        hf_error = None
-        if fmt == "hf":
-            from .export_hf import ExportError
 
-            try:  # refused (no transformers MoE format) before anything is written
-                result = stream_upcycle(spec, args.model, args.output, fmt="hf", target=args.target, **common)
-                print(result.report.to_text())
-                print(f"wrote {result.out} (transformers format; streamed {result.input_bytes / 1e9:.2f} GB -> "
-                      f"{result.output_bytes / 1e9:.2f} GB in {result.seconds:.1f} s)")
-                return 0
-            except ExportError as exc:
-                hf_error = str(exc)
-        result = stream_upcycle(spec, args.model, args.output, **common)
-        print(result.report.to_text())
-        print(f"wrote {result.out} (streamed {result.input_bytes / 1e9:.2f} GB -> {result.output_bytes / 1e9:.2f} GB "
-              f"in {result.seconds:.1f} s)")
-        if hf_error:
-            return _fail(f"--format hf: {hf_error}; wrote the native format to {result.out} instead", EXIT_USER_ERROR)
-        return 0
+        def streamed(**kw):
+            result = stream_upcycle(spec, args.model, args.output, **common, **kw)
+            print(result.report.to_text())
+            fmt_note = "transformers format; " if kw else ""
+            print(f"wrote {result.out} ({fmt_note}streamed {result.input_bytes / 1e9:.2f} GB -> "
+                  f"{result.output_bytes / 1e9:.2f} GB in {result.seconds:.1f} s)")
+            return result.out
+
+        return _write(fmt, lambda: streamed(fmt="hf", target=args.target), streamed)
     if is_safetensors and Path(args.model).exists() and not args.explain:
         # planned on the meta device from the config: an impossible job is refused before loading
         from .preflight import check_in_memory, plan_checkpoint
@@ -243,20 +232,39 @@ def _run(args) -> int:
         if issubclass(w.category, (UserWarning,)) and "upcycle" in str(w.filename):
             print(f"upcycle-compile: warning: {w.message}", file=sys.stderr)
     print(result.report.to_text())
-    hf_error = None
+
+    def hf():
+        from .export_hf import export_hf
+
+        out = export_hf(result.model, args.output, spec=spec, report=result.report, force=args.force,
+                        files=loaded.extra_files or {}, target=args.target, force_resources=args.force_resources)
+        print(f"wrote {out} (transformers format)")
+        return out
+
+    def native():
+        out = save(result.model, args.output, spec=spec, report=result.report, source=loaded, force=args.force,
+                   records=result.records, force_resources=args.force_resources)
+        print(f"wrote {out}")
+        return out
+
+    return _write(fmt, hf, native)
+
+
+def _write(fmt: str, hf, native) -> int:
+    """Write the output (streamed or in memory alike): `hf()` for --format hf, and where no
+    transformers MoE format holds the model (ExportError, raised before anything is written) the
+    work is kept: `native()` writes the native format, and the exit code says hf was refused."""
     if fmt == "hf":
-        from .export_hf import ExportError, export_hf
+        from .export_hf import ExportError
 
         try:
-            out = export_hf(result.model, args.output, spec=spec, report=result.report, force=args.force,
-                            files=loaded.extra_files or {}, target=args.target, force_resources=args.force_resources)
-            print(f"wrote {out} (transformers format)")
+            hf()
             return 0
-        except ExportError as exc:  # no transformers MoE counterpart: keep the work, in the native format
+        except ExportError as exc:
             hf_error = str(exc)
-    out = save(result.model, args.output, spec=spec, report=result.report, source=loaded, force=args.force,
-               records=result.records, force_resources=args.force_resources)
-    print(f"wrote {out}")
+    else:
+        hf_error = None
+    out = native()
     if hf_error:
         return _fail(f"--format hf: {hf_error}; wrote the native format to {out} instead", EXIT_USER_ERROR)
     return 0
@@ -267,7 +275,7 @@ def _calib_name(args) -> str:
 
 
 def _itemsize(dtype, default: int) -> int:
-    from .preflight import itemsize_of
+    from .resources import itemsize_of
 
     return itemsize_of(dtype) if dtype is not None else default
 

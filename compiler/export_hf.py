@@ -11,21 +11,19 @@ gets one line naming the nearest format and what it lacks.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from upcycle.runtime.activations import REGISTRY
-from upcycle.runtime.moe import MoELayer
-from upcycle.specs import dump_spec, load_spec
+from upcycle.runtime.moe import MoELayer, moe_layers
+from upcycle.specs import load_spec
 
-from .errors import UpcycleError
+from .atomic import atomic_output, check_output
 from .checkpoint import OutTensor, ShardWriter
-from .loading import source_files
-from .saving import atomic_output
+from .loading import source_files, tied_aliases
+from .output_folder import GENERATION_CONFIG, copy_files, write_config, write_export_record, write_report, write_spec
 from .targets import TARGETS, ExportError, ExportPlan, Interleaved, hf_aux_loss_coef, targets_for
 from .targets._nearest import NEAREST
 
@@ -56,7 +54,7 @@ def _no_format(name: str, model_type: str | None) -> ExportError:
 
 def _layer_kinds(model: nn.Module, name: str) -> tuple[list[int], list[int]]:
     layers = _layers(model)
-    moe_paths = {n for n, m in model.named_modules() if isinstance(m, MoELayer)}
+    moe_paths = set(moe_layers(model))
     moe_idx, dense_idx = [], []
     for i, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None)
@@ -179,8 +177,6 @@ def hf_state_dict(model: nn.Module, plan: ExportPlan, concat: bool = True) -> di
     """The transformers-format tensors, in write order: other weights keep their names (a tied
     duplicate such as lm_head.weight is stored once, as transformers does); each MoE layer mapped.
     concat=False: fused gate_up_proj tensors as `Interleaved` views (for writing: no copies)."""
-    from .saving import tied_aliases
-
     aliases = tied_aliases(model)
     own = model.state_dict()
     dtype = plan_dtype(model)
@@ -232,8 +228,7 @@ def export_hf(model: nn.Module, out_dir, *, spec=None, report=None, force: bool 
     path}, e.g. a loaded source's), else the tokenizer files beside config._name_or_path.
     The free space is checked first (force_resources=True skips); OS failures are OutputErrors."""
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise UpcycleError(f"{out}: output already exists; choose another path or pass --force (force=True) to replace it")
+    check_output(out, force)  # before the plan (atomic_output applies it again)
     spec = load_spec(spec) if spec is not None else None
     plan = hf_export_plan(model, spec, target)  # raises ExportError before anything is written
     cfg = hf_config(model, plan)
@@ -271,17 +266,14 @@ def write_hf_folder(tmp: Path, cfg, tensors, plan: list, max_shard_bytes: int, *
     except BaseException:
         writer.abort()
         raise
-    cfg.save_pretrained(str(tmp))
-    for name, path in (carried or {}).items():
-        shutil.copyfile(path, tmp / name)
-    if generation_config is not None and not (tmp / "generation_config.json").exists():
+    write_config(tmp, cfg, upcycled=False)  # the target's own config: transformers loads the folder
+    copy_files(tmp, carried)
+    if generation_config is not None and not (tmp / GENERATION_CONFIG).exists():
         generation_config.save_pretrained(str(tmp))
     if spec is not None:
-        (tmp / "upcycle_spec.yaml").write_text(dump_spec(spec))
+        write_spec(tmp, spec)
     if report is not None:
-        (tmp / "report.json").write_text(report.to_json())
-        (tmp / "report.txt").write_text(report.to_text() + "\n")
-    info = {"format": cfg.model_type, "model_class": cfg.architectures[0] if cfg.architectures else None,
-            "source_class": source_class, "files": files, **(extra or {})}
-    (tmp / "upcycle_export.json").write_text(json.dumps(info, indent=2))
+        write_report(tmp, report)
+    write_export_record(tmp, {"format": cfg.model_type, "model_class": cfg.architectures[0] if cfg.architectures else None,
+                              "source_class": source_class, "files": files, **(extra or {})})
     return files

@@ -2,7 +2,7 @@
 
     upcycle-export-run RUN_DIR -o OUT [--format native|hf] [--step N] [--force]
 
-The run folder written by examples/train.py holds run.json (the dense model's config and the
+The run folder written by the trainer (upcycle.runtime.training, examples/train.py) holds run.json (the dense model's config and the
 resolved spec, or the upcycled folder it started from) and DCP checkpoints. The model is rebuilt
 without weights of its own (the saved rewrite replayed on the dense config), the checkpoint's model
 weights are loaded into it (DCP reshards: a checkpoint from any number of ranks), and the result is
@@ -30,23 +30,17 @@ from .jsonfiles import read_json
 
 
 def read_run_info(run_dir: Path) -> dict:
-    """run.json of a run folder, checked for the keys the rebuild reads."""
-    info_path = run_dir / "run.json"
-    if not info_path.is_file():
-        raise UpcycleError(f"{run_dir}: no run.json; not a run folder written by examples/train.py")
-    info = read_json(info_path, what="run.json")
-    source = info.get("source", {})
-    if not isinstance(source, dict) or (source.get("kind") == "upcycled" and not isinstance(source.get("path"), str)):
-        raise ModelError(f"{info_path}: `source` must be an object (with a `path` string for kind 'upcycled')")
-    if source.get("kind") != "upcycled":
-        cfg, spec = info.get("dense_config"), info.get("spec")
-        if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str) or not isinstance(spec, dict):
-            raise ModelError(f"{info_path}: needs 'dense_config' (an object with a model_type) and 'spec' (an object) "
-                             "to rebuild the model")
-    relax = info.get("relax_routing_step")
-    if relax is not None and type(relax) is not int:
-        raise ModelError(f"{info_path}: relax_routing_step must be an integer step or null, not {relax!r}")
-    return info
+    """run.json of a run folder (its format: upcycle.runtime.training.run_dir), read defensively
+    (jsonfiles) and checked for the keys the rebuild reads; one UpcycleError/ModelError otherwise."""
+    from upcycle.runtime.training.run_dir import NoRunInfo, RunInfoError
+    from upcycle.runtime.training.run_dir import read_run_info as read
+
+    try:
+        return read(run_dir, read_json=lambda path: read_json(path, what="run.json"))
+    except NoRunInfo as exc:
+        raise UpcycleError(str(exc)) from None
+    except RunInfoError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def rebuild_run_model(run_dir: Path, info: dict | None = None, *, force_resources: bool = False) -> tuple[nn.Module, dict]:
@@ -56,11 +50,13 @@ def rebuild_run_model(run_dir: Path, info: dict | None = None, *, force_resource
     info = info if info is not None else read_run_info(run_dir)
     source = info.get("source", {})
     if source.get("kind") == "upcycled":
-        from .saving import load
         from upcycle.specs import load_spec
 
+        from .output_folder import SPEC
+        from .reload import load
+
         path = Path(source["path"])
-        return load(path, force_resources=force_resources), load_spec(path / "upcycle_spec.yaml").to_dict()
+        return load(path, force_resources=force_resources), load_spec(path / SPEC).to_dict()
     from transformers import AutoConfig
 
     from .loading import build_transformers_skeleton
@@ -109,21 +105,21 @@ def export_run(run_dir, out, *, fmt: str = "native", step: int | None = None, fo
                force_resources: bool = False) -> Path:
     from upcycle.runtime.train_checkpoint import latest_checkpoint
 
-    from .atomic import check_not_input, check_replaceable, probe_writable
+    from upcycle.runtime.training.run_dir import checkpoint_dir, checkpoint_step
+
+    from .atomic import check_output_location
 
     run_dir = Path(run_dir)
-    check_not_input(Path(out), [run_dir])  # the output's location first: before minutes of loading
-    check_replaceable(Path(out), force)
-    probe_writable(out)
-    ckpt = latest_checkpoint(run_dir) if step is None else run_dir / "checkpoints" / f"step-{step:06d}"
+    check_output_location(out, force, [run_dir])  # the output's location first: before minutes of loading
+    ckpt = latest_checkpoint(run_dir) if step is None else checkpoint_dir(run_dir, step)
     if ckpt is None or not (ckpt / ".metadata").is_file():
         raise UpcycleError(f"{run_dir}: no complete checkpoint{'' if step is None else f' for step {step}'} under checkpoints/")
     info = read_run_info(run_dir)
     model, spec = rebuild_run_model(run_dir, info, force_resources=force_resources)
     _load_weights(ckpt, model)
     relax_at = info.get("relax_routing_step")
-    if relax_at is not None and int(ckpt.name.split("-")[-1]) > relax_at:
-        # the run switched per_slice routers to plain top-K before this checkpoint (examples/train.py)
+    if relax_at is not None and checkpoint_step(ckpt) > relax_at:
+        # the run switched per_slice routers to plain top-K before this checkpoint (the trainer)
         from upcycle.runtime import relax_routing
 
         relax_routing(model)

@@ -132,6 +132,11 @@ def tied_groups(named: dict) -> list[list[str]]:
     return list(by_id.values())
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{state-dict name: the first name of the same tensor} for tensors stored under several names."""
+    return {name: group[0] for group in tied_groups(model.state_dict(keep_vars=True)) for name in group[1:]}
+
+
 def check_tensors_against(model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], str]], where) -> None:
     """Checkpoint {name: (shape, dtype name)} against the model built from the config: same names and
     shapes, floating-point weights. Tied duplicates may be absent from the checkpoint."""

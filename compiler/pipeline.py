@@ -38,7 +38,7 @@ from upcycle.specs.schema import UpcycleSpec
 
 from .calibration import calibration_batch, tokenizer_of
 from .errors import ModelError, VerificationError
-from .pretrained import mark_upcycled
+from upcycle.runtime.pretrained import mark_upcycled
 from .plan import Plan, build_plan, moe_config_for
 from .report import Report
 
@@ -295,7 +295,7 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, calibration=No
     _set_training(model, False)
     discovery, selection, plan = analyse(model, spec)
     if not structure_only and not force_resources:
-        from .preflight import check_loaded
+        from .resources import check_loaded
 
         check_loaded(plan, spec, model)
     if not structure_only:
@@ -313,7 +313,7 @@ def upcycle_model(model: nn.Module, spec, *, example_inputs=None, calibration=No
                 if f.key in targets and f.match.up.kind == "module":
                     unit = _unit_of(model, f)
                     first = unit.get_submodule(f.match.up.module_path)
-                    capture.watch(f.key, first, first)
+                    capture.watch(f.key, first)
             try:
                 with torch.no_grad():
                     dense_logits = _model_output(model, probe)

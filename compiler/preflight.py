@@ -15,15 +15,12 @@ Each raises `ResourceError` (one line, exit 2) unless forced (`--force-resources
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
 from . import resources
-
-
-def itemsize_of(dtype: torch.dtype | None, default: int = 4) -> int:
-    return torch.empty((), dtype=dtype).element_size() if dtype is not None else default
+# the checks of the streaming and in-memory pipelines live in resources.py, so that those pipelines
+# need not import this module, which plans through them (no import circle); re-exported here
+from .resources import check_loaded, check_streaming, itemsize_of  # noqa: F401
 
 
 @dataclass
@@ -57,28 +54,6 @@ def check_in_memory(mp: Preflight, out, *, streamable: bool = True) -> None:
     resources.check_memory(mp.in_memory, alternatives=alternatives)
     if out is not None:
         resources.check_disk(mp.in_memory.output, out)
-
-
-def check_streaming(plan, spec, model, *, itemsize: int, out_itemsize: int, out=None,
-                    max_shard_bytes: int | None = None) -> resources.Estimate:
-    """A streamed conversion (model: the rewritten meta model): memory in flight, disk space, and
-    the largest shard against the file-size limit."""
-    est = resources.streaming(resources.workload(plan, spec, model, itemsize=itemsize, out_itemsize=out_itemsize))
-    resources.check_memory(est)
-    if out is not None:
-        largest = min(max_shard_bytes, est.output) if max_shard_bytes else est.output
-        resources.check_disk(est.output, Path(out), largest_file=largest)
-    return est
-
-
-def check_loaded(plan, spec, model) -> resources.Estimate:
-    """compile_upcycle on a model in memory: the new MoE layers and the temporaries must fit."""
-    p = next(iter(model.parameters()), None)
-    if p is None or p.device.type == "meta":
-        return None
-    est = resources.in_memory(resources.workload(plan, spec, model, itemsize=p.element_size()), loaded=True)
-    resources.check_memory(est)
-    return est
 
 
 def check_rebuild(config, spec) -> resources.Estimate:

@@ -201,10 +201,16 @@ def available_memory() -> Available:
     return min(candidates, key=lambda a: a.bytes)
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` or its closest ancestor that exists (where free space and permissions are checked)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
 def free_disk(path) -> Available:
     """Free bytes (for an unprivileged writer) on the filesystem that will hold `path`."""
-    from .atomic import nearest_existing
-
     where = nearest_existing(Path(path))
     try:
         st = os.statvfs(where)
@@ -383,6 +389,38 @@ def check_disk(need: int, out, *, largest_file: int | None = None) -> None:
     if largest_file and soft != resource.RLIM_INFINITY and largest_file > soft:
         raise ResourceError(f"{out}: an output file of {fmt_bytes(largest_file)} is over this process's file-size "
                             f"limit (ulimit -f, {fmt_bytes(soft)}); would fit: --max-shard-size below it; {FORCE}")
+
+
+# --- the checks of a conversion (preflight.py applies them; re-exported there) --------------------
+
+
+def itemsize_of(dtype, default: int = 4) -> int:
+    """Bytes per element of a torch dtype (None: `default`)."""
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size() if dtype is not None else default
+
+
+def check_streaming(plan, spec, model, *, itemsize: int, out_itemsize: int, out=None,
+                    max_shard_bytes: int | None = None) -> Estimate:
+    """A streamed conversion (model: the rewritten meta model): memory in flight, disk space, and
+    the largest shard against the file-size limit."""
+    est = streaming(workload(plan, spec, model, itemsize=itemsize, out_itemsize=out_itemsize))
+    check_memory(est)
+    if out is not None:
+        largest = min(max_shard_bytes, est.output) if max_shard_bytes else est.output
+        check_disk(est.output, Path(out), largest_file=largest)
+    return est
+
+
+def check_loaded(plan, spec, model) -> Estimate:
+    """compile_upcycle on a model in memory: the new MoE layers and the temporaries must fit."""
+    p = next(iter(model.parameters()), None)
+    if p is None or p.device.type == "meta":
+        return None
+    est = in_memory(workload(plan, spec, model, itemsize=p.element_size()), loaded=True)
+    check_memory(est)
+    return est
 
 
 def describe(est: Estimate, out=None) -> str:

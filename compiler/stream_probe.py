@@ -70,7 +70,7 @@ class StreamProbe:
                 from upcycle.passes.rewrite import linear_paths
 
                 first = dense.get_submodule(".".join(p for p in (match.unit_path, match.up.module_path) if p))
-                self.capture.watch(linear_paths(match), first, first)
+                self.capture.watch(linear_paths(match), first)
         try:
             with offloaded(dense, _resolver(dense, self.mp.infos)(reader)):
                 self.dense_logits = _forward(dense, self._inputs(), "dense")

@@ -38,13 +38,13 @@ from upcycle.specs import load_spec
 
 from .checkpoint import (ST_DTYPES, OutTensor, ShardWriter, TensorReader, checkpoint_files, dominant_float_dtype,
                          scan_checkpoint)
+from .atomic import atomic_output, check_output
 from .errors import ModelError, UpcycleError
-from .loading import check_tensors_against, load_config, meta_skeleton, tokenizer_files
-from .pretrained import patch_config
+from .loading import check_tensors_against, load_config, meta_skeleton, tied_aliases, tokenizer_files
+from .output_folder import EXPORT_RECORD, tensor_accounting, write_config, write_metadata, write_report
 from .pipeline import MoEBuilder, _NullProgress, analyse
 from .report import Report
 from .resources import FILES_OVERHEAD_BYTES
-from .saving import atomic_output, tensor_accounting, tied_aliases, write_metadata
 
 DEFAULT_SHARD_BYTES = 2 * 10**9
 VERIFICATION = "per-layer: each MoE layer against its dense MLP on synthetic unit-RMS probes (no whole-model forward)"
@@ -209,11 +209,10 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     spec = load_spec(spec)
     _return_freed_memory()
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise UpcycleError(f"{out}: output already exists; choose another path or pass --force (force=True) to replace it")
+    check_output(out, force, [model_path])  # before the plan, the CLI's rule (atomic_output applies it again)
     mp = plan_on_meta(spec, model_path, config)
     if not force_resources:
-        from .preflight import check_streaming, itemsize_of
+        from .resources import check_streaming, itemsize_of
 
         src_dtype = dominant_float_dtype(mp.infos)
         check_streaming(mp.plan, spec, mp.model, itemsize=itemsize_of(src_dtype),
@@ -338,8 +337,7 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
             model_error, loss_before, loss_after, probe_name = measure()
         finally:
             reader.close()
-        mp.config.save_pretrained(str(tmp))
-        patch_config(tmp / "config.json")  # plain transformers must refuse it, not load a dense model
+        write_config(tmp, mp.config)  # model_type "upcycle": plain transformers must refuse it, not load a dense model
         report = Report.build(spec, mp.plan, builder.checks, mp.records, model_error, loss_before, loss_after,
                               seconds=time.perf_counter() - t0, probe=probe_name)
         manifest = write_metadata(tmp, spec=spec, kind="transformers", model_class=type(mp.model).__name__, source=src,
@@ -439,11 +437,10 @@ def _write_hf(hf: _HFPlan, spec, mp: MetaPlan, src: Path, out: Path, outputs, te
         model_error, loss_before, loss_after, probe_name = measure()
         report = Report.build(spec, mp.plan, builder.checks, mp.records, model_error, loss_before, loss_after,
                               seconds=time.perf_counter() - t0, probe=probe_name)
-        (tmp / "report.json").write_text(report.to_json())
-        (tmp / "report.txt").write_text(report.to_text() + "\n")
+        write_report(tmp, report)
     in_bytes = sum(f.stat().st_size for f in {i.file for i in mp.infos.values()})
     out_bytes = sum(v["bytes"] for v in files.values())
-    return StreamResult(out, report, json.loads((out / "upcycle_export.json").read_text()), in_bytes, out_bytes,
+    return StreamResult(out, report, json.loads((out / EXPORT_RECORD).read_text()), in_bytes, out_bytes,
                         time.perf_counter() - t0)
 
 

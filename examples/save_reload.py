@@ -41,7 +41,7 @@ def main() -> int:
     from upcycle.specs import load_spec
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-    from textdata import kjv_split
+    from upcycle.runtime.training.data import kjv_split
     from smollm2_upcycle import smollm2_dir  # the cached dequantised SmolLM2 folder (made on first use)
 
     work = Path(args.out or tempfile.mkdtemp(prefix="upcycle-save-reload-"))

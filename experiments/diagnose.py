@@ -113,7 +113,7 @@ class Options:
 
 def load(opts: Options):
     """-> dense model, train sequences [n, L], validation sequences [m, L]."""
-    from textdata import byte_tokens, kjv_split, pack, token_split
+    from upcycle.runtime.training.data import byte_tokens, kjv_split, pack, token_split
 
     if opts.quick:
         from transformers import LlamaConfig, LlamaForCausalLM

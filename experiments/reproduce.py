@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 
 
 # --- settings ------------------------------------------------------------------------------------
@@ -66,7 +65,8 @@ class Setting:
     checkpoint_every: int
     seeds: tuple = (0, 1, 2)
     # kjv: the KJV alone (4.3 MB: the 16.4M-token budget sees it ~4 times); mixed: KJV + Austen +
-    # GCIDE (36 MB, textdata.mixed_corpus), so no training token repeats, validation held out of it
+    # GCIDE (36 MB, upcycle.runtime.training.data.mixed_corpus), so no training token repeats,
+    # validation held out of it
     corpus: str = "kjv"
 
     @property
@@ -141,7 +141,7 @@ VARIANTS = [
 
 def load_text(setting: Setting):
     """Byte tokens of the fixed split, packed: train [n, seq], val [m, seq]."""
-    from textdata import byte_tokens, kjv_split, mixed_corpus, pack
+    from upcycle.runtime.training.data import byte_tokens, kjv_split, mixed_corpus, pack
 
     if setting.corpus == "mixed":
         train, val = mixed_corpus()

@@ -27,22 +27,18 @@ class LayerCheck:
 
 
 class ProbeCapture:
-    """Captures (input, output) of dense MLPs through forward hooks on their first/last linear."""
+    """Captures the input of dense MLPs through a forward pre-hook on their first linear (the
+    dense output a layer is checked against is computed from it, not captured)."""
 
     def __init__(self) -> None:
         self.inputs: dict[str, torch.Tensor] = {}
-        self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
-    def watch(self, key: str, first: nn.Module, last: nn.Module) -> None:
+    def watch(self, key: str, first: nn.Module) -> None:
         def grab_in(_m, args, _key=key):
             self.inputs.setdefault(_key, args[0].detach().reshape(-1, args[0].shape[-1]).clone())
 
-        def grab_out(_m, _args, out, _key=key):
-            self.outputs.setdefault(_key, out.detach().reshape(-1, out.shape[-1]).clone())
-
         self._handles.append(first.register_forward_pre_hook(grab_in))
-        self._handles.append(last.register_forward_hook(grab_out))
 
     def remove(self) -> None:
         for h in self._handles:

@@ -22,6 +22,8 @@ import weakref
 import torch
 import torch.nn as nn
 
+from .layers import moe_layers
+
 _LAYERS: "weakref.WeakSet" = weakref.WeakSet()
 _HOOK = None
 
@@ -60,8 +62,6 @@ def _update(layers: list) -> None:
 def update_expert_bias(model: nn.Module) -> int:
     """Apply the bias update to every bias-balanced MoE layer of `model` now (for loops that step
     no optimizer over the router). Returns the number of layers updated."""
-    from .moe import moe_layers
-
     layers = [m for m in moe_layers(model).values() if m.config.uses_bias]
     if layers:
         _update(layers)

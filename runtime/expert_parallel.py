@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .grouped import add_rows
+from .layers import moe_layers
 
 
 @dataclass
@@ -127,8 +128,6 @@ def ep_forward(layer: nn.Module, x: Tensor, indices: Tensor, weights: Tensor, ru
 
 def expert_params(model: nn.Module) -> list:
     """The expert-parallel (DTensor) parameters of every EP layer of `model`."""
-    from .moe import moe_layers
-
     return [p for m in moe_layers(model).values() if m.ep is not None
             for name in EXPERT_PARAMS if (p := getattr(m.experts, name)) is not None]
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .layers import moe_layers
+
 
 def load_balancing_loss(probs: Tensor, indices: Tensor, num_experts: int, mask: Optional[Tensor] = None) -> Tensor:
     """Switch/GShard form N · Σ_e f_e · P_e (1.0 when perfectly balanced).
@@ -73,8 +75,6 @@ def attach_aux_loss(weights: Tensor, loss: Tensor, scale: Tensor) -> Tensor:
 
 
 def _moe_layers(model: nn.Module):
-    from .moe import moe_layers  # local: moe imports this module
-
     return moe_layers(model).values()
 
 

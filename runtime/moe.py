@@ -16,6 +16,7 @@ from .config import MoEConfig
 from .backends import resolve_backend
 from .dispatchers import LOCAL
 from .experts import GroupedExperts
+from .layers import MoELayerBase, moe_layers
 from .balancing import register_bias_layer
 from .capacity import capacity_keep
 from .losses import attach_aux_loss, load_balancing_loss, z_loss
@@ -42,7 +43,7 @@ class SharedExpert(nn.Module):
         return self.down_proj(h)
 
 
-class MoELayer(nn.Module):
+class MoELayer(MoELayerBase):
     """Router + routed experts (+ shared expert), with the router's training machinery built in:
     router losses attached to autograd (losses.py), aux-loss-free bias balancing (balancing.py),
     optional capacity (capacity.py), padding masks (token_mask.py) and telemetry (telemetry.py)."""
@@ -149,11 +150,6 @@ def materialize(layer: MoELayer, device, dtype: torch.dtype | None = None, state
         layer.load_state_dict(state, assign=True, strict=True)
     layer.init_runtime_buffers(torch.device(device) if device is not None else None)
     return layer.to(device)
-
-
-def moe_layers(model: nn.Module) -> dict:
-    """{module path: MoELayer} of a model, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
 
 
 def relax_routing(model: nn.Module) -> int:

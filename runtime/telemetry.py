@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .layers import moe_layers
+
 # layout of MoELayer.stat_scalars
 TOKENS, ENTROPY, WHOLE_GROUP, AUX, ZLOSS, DROPPED, FORWARDS, MASS, MASS_SQ, COMPLETE = range(10)
 NUM_SCALARS = 10
@@ -135,8 +137,6 @@ def _all_reduce_(tensors: list) -> None:
 @torch.no_grad()
 def read_router_stats(model: nn.Module, reset: bool = True, all_reduce: bool = True) -> dict:
     """{layer path: RouterStats} since the last read; resets the accumulators unless reset=False."""
-    from .moe import moe_layers  # local: moe imports this module
-
     layers = moe_layers(model)
     if all_reduce:
         _all_reduce_([t for m in layers.values() for t in (m.stat_load, m.stat_scalars)])

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .layers import moe_layers
+
 
 class _MaskHook:
     """Picklable pre/post hook pair (a closure would make the model unpicklable)."""
@@ -44,8 +46,6 @@ class _MaskHook:
 
 def attach_token_mask(model: nn.Module) -> bool:
     """Install the hook on `model` if its forward takes `attention_mask`. Returns whether it did."""
-    from .moe import moe_layers
-
     try:
         params = list(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):

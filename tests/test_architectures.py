@@ -308,14 +308,19 @@ def test_untraceable_block_is_named_with_reason():
 
 
 def _defined_in_passes(obj) -> bool:
+    """Whether `obj` (a class, function, hook or instance) comes from the compiler's rooms."""
     mod = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", "")
-    return (mod or "").startswith(("upcycle.passes", "passes."))
+    return (mod or "").startswith(("upcycle.passes", "passes.", "upcycle.compiler", "compiler."))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "bert"])
 def test_trained_model_holds_nothing_from_passes(family):
-    """A trained MoE needs the runtime, never the tracer: no module, forward, hook or object the
-    generated forwards reference is defined in upcycle.passes (GPT-2/OPT/BERT get rewritten graphs)."""
+    """A trained MoE needs the runtime, never the tracer or the compiler: no module class (nor a
+    class it derives from: the save_pretrained subclass), forward, hook or object the generated
+    forwards reference is defined in upcycle.passes or upcycle.compiler (GPT-2/OPT/BERT get
+    rewritten graphs)."""
+    import pickle
+
     import upcycle
     from upcycle.runtime.rewritten_forward import UpcycledForward
 
@@ -323,7 +328,7 @@ def test_trained_model_holds_nothing_from_passes(family):
                                                     "verify": {"enabled": False}})
     rewritten = 0
     for name, m in model.named_modules():
-        assert not _defined_in_passes(m), name
+        assert not [c for c in type(m).__mro__ if _defined_in_passes(c)], name
         fwd = m.__dict__.get("forward")
         if isinstance(fwd, UpcycledForward):
             rewritten += 1
@@ -331,4 +336,9 @@ def test_trained_model_holds_nothing_from_passes(family):
             assert not [k for k, v in fwd._globals.items() if _defined_in_passes(v)], name
         for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks):
             assert not [h for h in hooks.values() if _defined_in_passes(h)], name
+    # a pickle of the model names nothing of passes/ or compiler/ either
+    data = pickle.dumps(model)
+    assert b"upcycle.passes" not in data and b"upcycle.compiler" not in data
+    again = pickle.loads(data)
+    assert type(again).save_pretrained is type(model).save_pretrained
     assert rewritten >= 1  # the families whose MLP is not one module get a rewritten forward

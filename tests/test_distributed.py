@@ -20,13 +20,15 @@ pytestmark = pytest.mark.dist
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
-TORCHRUN = Path(sys.executable).with_name("torchrun")
+# torchrun as a module of this interpreter: a copied virtual environment's `torchrun` script may name
+# another interpreter in its #! line (and so import another checkout)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def _run(nproc: int, scenario: str, out: Path, *extra: str, timeout: int = 600) -> list:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     env.pop("TRITON_INTERPRET", None)
-    cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-port", str(29500 + os.getpid() % 1000),
+    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(29500 + os.getpid() % 1000),
            str(WORKER), scenario, str(out), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -271,11 +271,11 @@ def test_interrupt_at_each_phase(model, tmp_path, capsys, monkeypatch, phase):
 
 
 def test_interrupt_in_save_pretrained_and_export_run(run_dir, tmp_path, capsys, monkeypatch):
-    from upcycle.compiler import pretrained
+    from upcycle.compiler import output_folder
     from upcycle.compiler.export_run import main
 
     moe = _moe()
-    _interrupt_in(monkeypatch, pretrained, "finish_folder")
+    _interrupt_in(monkeypatch, output_folder, "finish_folder")
     with pytest.raises(KeyboardInterrupt):
         moe.save_pretrained(tmp_path / "pre")
     assert entries(tmp_path) == set()

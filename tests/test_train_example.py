@@ -11,7 +11,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "train.py"
-TORCHRUN = Path(sys.executable).with_name("torchrun")
+# torchrun as a module of this interpreter: a copied virtual environment's `torchrun` script may name
+# another interpreter in its #! line (and so import another checkout)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 ARGS = ["--quick", "--steps", "8", "--eval-every", "4", "--checkpoint-every", "4", "--log-every", "100"]
 
 
@@ -23,7 +25,7 @@ def _env(**extra):
 
 def _train(run, *extra, nproc=None, expect=0, **env):
     head = [sys.executable, str(TRAIN)] if nproc is None else \
-        [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-port", str(29700 + os.getpid() % 200), str(TRAIN)]
+        [*TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(29700 + os.getpid() % 200), str(TRAIN)]
     proc = subprocess.run(head + ARGS + ["--run-dir", str(run), *extra], cwd=ROOT, env=_env(**env),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == expect, proc.stderr[-3000:]

@@ -1,9 +1,13 @@
-"""Real English text from a registry package, split and packed for language-model training.
+"""Training data: real English text from registry packages, split and packed for language-model training.
 
 Source: the King James Bible from Debian's `bible-kjv` (the `bible` command and its data file),
 4.3 MB of text. The split is fixed and documented: the Gospel of John is the validation set (the
 text the main job scores), every other book is training text. Verse numbers and chapter headings
-are removed; the text is tokenized once and cached beside the tokenizer's name.
+are removed; the text is tokenized once and cached per tokenizer name in the checkout's .cache
+(the same files as when this lived in examples/textdata.py).
+
+`batch_for` is the trainer's order over the packed sequences: a fixed permutation per epoch,
+consecutive global batches, each rank a contiguous share, split into micro-batches.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (the `upcycle` package's folder)
 CACHE = ROOT / ".cache"
 JOHN = "John1:1-21:25"
 BEFORE_JOHN = "Gen1:1-Luke24:53"
@@ -172,3 +176,23 @@ def mixed_corpus(block_bytes: int = 16384, seed: int = 0) -> tuple[bytes, bytes]
                 "val": torch.frombuffer(bytearray(val), dtype=torch.uint8)}, tmp)
     tmp.replace(cache)
     return train, val
+
+
+# --- the trainer's batches -------------------------------------------------------------------------
+
+def batch_for(step: int, train: torch.Tensor, *, batch: int, accum: int, seed: int, rank: int = 0,
+              world: int = 1) -> list:
+    """This rank's micro-batches of step `step`: a fixed permutation per epoch, consecutive global
+    batches of `batch` sequences, each rank a contiguous share, split into `accum` micro-batches."""
+    n = train.shape[0]
+    start = step * batch
+    epoch, offset = divmod(start, n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    idx = torch.cat([perm, torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch + 1))])
+    rows = idx[offset:offset + batch]
+    share = rows[rank * batch // world:(rank + 1) * batch // world]
+    return [train[part] for part in share.chunk(accum)]
+
+
+__all__ = ["CACHE", "JOHN", "BEFORE_JOHN", "AFTER_JOHN", "kjv_split", "token_split", "pack", "byte_tokens",
+           "debian_package", "austen_novels", "gcide_entries", "mixed_corpus", "batch_for"]
