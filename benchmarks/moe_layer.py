@@ -9,8 +9,8 @@ Paths, all in the same run on the same inputs:
   reference        upcycle MoELayer, backend `reference` (loop over experts, torch.where per expert)
   grouped:<s>      upcycle MoELayer, backend `grouped`, strategy s (loop, grouped_mm, padded)
   triton           upcycle MoELayer, backend `triton` (CUDA only)
-  hf:<impl>        transformers' Qwen2MoeSparseMoeBlock (norm_topk_prob=False: softmax then top-k, no
-                   renormalisation, as ours; shared expert width 0), loaded with the same router and
+  hf:<impl>        transformers' Qwen2MoeSparseMoeBlock (norm_topk_prob=True: softmax, top-k, weights
+                   renormalised = our default topk_then_softmax; shared expert width 0), loaded with the same router and
                    expert weights; experts implementation `eager` (its default) or `grouped_mm`.
 MoE paths include their router. Timings: one warm-up step per path, then `--repeats` rounds that
 visit the paths in turn (so background load hits all paths alike). Throughput and ratios use the
@@ -25,7 +25,12 @@ Memory, two measures:
             (profile_memory=True; counts allocator requests, not RSS, so it does not depend on what
             the C allocator caches). CUDA: torch.cuda.max_memory_allocated growth.
 
+With --profile, each path's step is also broken down into router, top-k, sort/permutation,
+gathers, the GEMMs (forward, dX, dW), activation, combine and glue, with the host syncs per step
+(benchmarks/layer_profile.py), printed and kept in the JSON under "profile".
+
     python benchmarks/moe_layer.py --quick --json out.json
+    python benchmarks/moe_layer.py --quick --profile
 """
 
 from __future__ import annotations
@@ -105,7 +110,7 @@ def hf_block(layer, impl: str):
     c = layer.config
     cfg = Qwen2MoeConfig(
         hidden_size=c.d_model, moe_intermediate_size=c.d_expert, num_experts=c.num_experts,
-        num_experts_per_tok=c.top_k, norm_topk_prob=False, shared_expert_intermediate_size=0,
+        num_experts_per_tok=c.top_k, norm_topk_prob=True, shared_expert_intermediate_size=0,
         hidden_act="silu",
     )
     cfg._experts_implementation = impl
@@ -121,8 +126,10 @@ def hf_block(layer, impl: str):
 
 def build_paths(s: Setting, device, dtype, wanted):
     torch.manual_seed(0)
+    # the default router type (top-K, then softmax over the kept logits); top-K selection for every
+    # path, so the anchors route exactly as ours (per-slice selection costs one more topk view)
     cfg = MoEConfig(d_model=s.d_model, d_expert=s.d_expert, num_experts=s.num_experts, top_k=s.top_k,
-                    gated=True, activation="silu", router_type="softmax_then_topk", aux_loss_coef=0.0)
+                    gated=True, activation="silu", router_type="topk_then_softmax", aux_loss_coef=0.0)
     base = build_moe(cfg, device=device, dtype=dtype).eval()  # eval: no aux loss bookkeeping
     paths = {}
 
@@ -255,6 +262,15 @@ def run_setting(s: Setting, args, device, dtype) -> dict:
             "peak_mb": peak_bytes(m, x, grad, device) / 2**20,
             "max_rel_err_vs_reference": agreement.get(n),
         }
+    if args.profile:
+        from layer_profile import breakdown, format_breakdown
+
+        print(f"  profile ({s.name}, ms per step by part)")
+        for n, m in paths.items():
+            b = breakdown(m, x, grad, device, widths={s.d_model, s.d_expert, s.top_k * s.d_expert},
+                          num_experts=s.num_experts)
+            rows[n]["profile"] = b
+            print(format_breakdown(n, b))
     dense = rows.get("dense", {}).get("tokens_per_s")
     hf = [n for n in rows if n.startswith("hf:")]
     best = "auto" if "auto" in rows else None  # what users get, not the best of several of ours
@@ -306,6 +322,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--json", default=None, help="write all results to this file")
+    ap.add_argument("--profile", action="store_true", help="break each path's step down by part (layer_profile.py)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*empty tensor.*")  # transformers' zero-width shared expert
     device = torch.device(args.device)

@@ -128,4 +128,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from upcycle.runtime.training.data import exit_code
+
+    sys.exit(exit_code(main))

@@ -124,4 +124,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from upcycle.runtime.training.data import exit_code
+
+    sys.exit(exit_code(main))

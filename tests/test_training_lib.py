@@ -123,3 +123,17 @@ def test_kill_hook_lives_in_the_library(monkeypatch):
 def test_relax_step():
     assert trainer.relax_step(SimpleNamespace(relax_routing_at=1.0, steps=100)) is None
     assert trainer.relax_step(SimpleNamespace(relax_routing_at=0.9, steps=100)) == 90
+
+
+def test_missing_text_is_an_exception_and_scripts_turn_it_into_one_line(monkeypatch):
+    """A library must not exit its caller's process: no bible-kjv raises TextUnavailable (naming
+    the package to install); a script's `sys.exit(exit_code(main))` makes it the one line."""
+    def no_bible(*a, **k):
+        raise FileNotFoundError(2, "No such file or directory", "bible")
+
+    monkeypatch.setattr(data.subprocess, "run", no_bible)
+    with pytest.raises(data.TextUnavailable, match="apt-get install bible-kjv"):
+        data.kjv_split()
+    msg = data.exit_code(lambda: data.kjv_split() and 0)
+    assert isinstance(msg, str) and msg.startswith("error: need Debian's bible-kjv") and "\n" not in msg
+    assert data.exit_code(lambda: 3) == 3

@@ -10,10 +10,16 @@ def _available() -> bool:
     return triton_available()
 
 
-def _load():
-    from ..kernels import triton_backend
+def triton_forward(experts, x, indices, weights):
+    """The `triton` expert backend: x [T, D], indices/weights [T, K] -> [T, D], through the
+    grouped path with the kernels (runtime/kernels/backend.py) forward and backward."""
+    from ..grouped import grouped_forward
 
-    return triton_backend
+    return grouped_forward(experts, x, indices, weights, strategy="triton")
+
+
+def _load():
+    return triton_forward
 
 
 ENTRY = Backend(name="triton", summary="Triton kernels (opt-in; where triton imports)", load=_load,

@@ -9,15 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-import torch
 
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def triton_backend(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The `triton` expert backend: x [T, D], indices/weights [T, K] -> [T, D]."""
-    from .backend import triton_forward
-
-    return triton_forward(experts, x, indices, weights)

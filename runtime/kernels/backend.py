@@ -96,10 +96,3 @@ def _backward(dout, x, w_slot, order, token, offsets, g, u, gw, uw, dw, gb, ub, 
     d_ub = _bias_grad(ub, expert, du) if ub is not None else None
     d_gb = _bias_grad(gb, expert, dg) if gb is not None else None
     return dx.to(x.dtype), dw_slot, d_gw, d_uw, d_dw, d_gb, d_ub, d_db
-
-
-def triton_forward(experts: GroupedExperts, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """x [T, D], indices [T, K], weights [T, K] -> [T, D]; equals `reference_forward`."""
-    from ..grouped import grouped_forward
-
-    return grouped_forward(experts, x, indices, weights, strategy="triton")

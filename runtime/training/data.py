@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -27,11 +26,25 @@ BEFORE_JOHN = "Gen1:1-Luke24:53"
 AFTER_JOHN = "Acts1:1-Rev22:21"
 
 
+class TextUnavailable(RuntimeError):
+    """The real text a run needs is not on this machine and cannot be fetched (a Debian package
+    missing, no registry access). Raised, not exited, so a library caller can handle it; scripts
+    turn it into their one-line error with `exit_code`."""
+
+
+def exit_code(main) -> int | str:
+    """`main()`'s exit code, or the one-line error for `sys.exit` when its text is unavailable."""
+    try:
+        return main()
+    except TextUnavailable as exc:
+        return f"error: {exc}"
+
+
 def _bible(spec: str) -> str:
     try:
         raw = subprocess.run(["bible", "-p", "/usr/lib", spec], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
-        sys.exit(f"error: need Debian's bible-kjv for real text (apt-get install bible-kjv): {exc}")
+        raise TextUnavailable(f"need Debian's bible-kjv for real text (apt-get install bible-kjv): {exc}") from None
     lines = []
     for ln in raw.splitlines():
         s = ln.strip()
@@ -98,7 +111,8 @@ def debian_package(name: str) -> Path:
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, capture_output=True, text=True)
     except (OSError, StopIteration, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        sys.exit(f"error: could not fetch Debian's {name} (apt-get download {name}): {str(detail).strip()[:200]}")
+        raise TextUnavailable(f"could not fetch Debian's {name} (apt-get download {name}): "
+                              f"{str(detail).strip()[:200]}") from None
     (root / ".complete").write_text("")
     deb.unlink()
     return root
@@ -194,5 +208,5 @@ def batch_for(step: int, train: torch.Tensor, *, batch: int, accum: int, seed: i
     return [train[part] for part in share.chunk(accum)]
 
 
-__all__ = ["CACHE", "JOHN", "BEFORE_JOHN", "AFTER_JOHN", "kjv_split", "token_split", "pack", "byte_tokens",
+__all__ = ["TextUnavailable", "exit_code", "CACHE", "JOHN", "BEFORE_JOHN", "AFTER_JOHN", "kjv_split", "token_split", "pack", "byte_tokens",
            "debian_package", "austen_novels", "gcide_entries", "mixed_corpus", "batch_for"]
