@@ -12,6 +12,9 @@ Paths, all in the same run on the same inputs:
   hf:<impl>        transformers' Qwen2MoeSparseMoeBlock (norm_topk_prob=True: softmax, top-k, weights
                    renormalised = our default topk_then_softmax; shared expert width 0), loaded with the same router and
                    expert weights; experts implementation `eager` (its default) or `grouped_mm`.
+  torchtitan       torchtitan's MoE layer (benchmarks/anchors.py) with the same weights and routing
+                   rule; its experts run torch._grouped_mm in bf16 whatever the input dtype. Where
+                   it does not import, the table says why (JSON "unavailable").
 MoE paths include their router. Timings: one warm-up step per path, then `--repeats` rounds that
 visit the paths in turn (so background load hits all paths alike). Throughput and ratios use the
 median step (`--stat median`, the default; `--stat min` for the fastest), and the table shows the
@@ -131,7 +134,7 @@ def build_paths(s: Setting, device, dtype, wanted):
     cfg = MoEConfig(d_model=s.d_model, d_expert=s.d_expert, num_experts=s.num_experts, top_k=s.top_k,
                     gated=True, activation="silu", router_type="topk_then_softmax", aux_loss_coef=0.0)
     base = build_moe(cfg, device=device, dtype=dtype).eval()  # eval: no aux loss bookkeeping
-    paths = {}
+    paths, unavailable = {}, {}
 
     def want(name):
         return any(name == w or name.startswith(w + ":") or w == "all" for w in wanted)
@@ -150,13 +153,20 @@ def build_paths(s: Setting, device, dtype, wanted):
             paths[f"grouped:{st}"] = GroupedStrategy(base, st)
     if want("triton") and device.type == "cuda" and "triton" in available_backends():
         paths["triton"] = _layer_with_backend(base, "triton")
+    if want("torchtitan"):
+        from anchors import AnchorUnavailable, torchtitan_moe
+
+        try:
+            paths["torchtitan"] = torchtitan_moe(base).eval()
+        except AnchorUnavailable as exc:
+            unavailable["torchtitan"] = str(exc)
     for impl in ("eager", "grouped_mm"):
         if want(f"hf:{impl}"):
             try:
                 paths[f"hf:{impl}"] = hf_block(base, impl)
             except Exception as exc:  # transformers missing or changed
-                print(f"  (skipping hf:{impl}: {type(exc).__name__}: {exc})", file=sys.stderr)
-    return base, paths
+                unavailable[f"hf:{impl}"] = f"{type(exc).__name__}: {exc}"
+    return base, paths, unavailable
 
 
 def _layer_with_backend(base, backend, **overrides):
@@ -241,7 +251,7 @@ def check_agreement(paths, x) -> dict[str, float]:
 
 
 def run_setting(s: Setting, args, device, dtype) -> dict:
-    base, paths = build_paths(s, device, dtype, args.paths)
+    base, paths, unavailable = build_paths(s, device, dtype, args.paths)
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(1, s.tokens, s.d_model, generator=g)).to(device=device, dtype=dtype).requires_grad_()
     grad = torch.randn(1, s.tokens, s.d_model, generator=g).to(device=device, dtype=dtype)
@@ -281,7 +291,10 @@ def run_setting(s: Setting, args, device, dtype) -> dict:
     if best and best_hf:
         summary["best_vs_hf_eager"] = rows[best]["tokens_per_s"] / rows["hf:eager"]["tokens_per_s"] if "hf:eager" in rows else None
         summary["best_vs_best_hf"] = rows[best]["tokens_per_s"] / rows[best_hf]["tokens_per_s"]
-    return {"setting": s.__dict__, "paths": rows, "summary": summary}
+    tt = rows.get("torchtitan")
+    if best and tt:
+        summary["auto_vs_torchtitan"] = rows[best]["tokens_per_s"] / tt["tokens_per_s"]
+    return {"setting": s.__dict__, "paths": rows, "unavailable": unavailable, "summary": summary}
 
 
 def print_table(result: dict) -> None:
@@ -297,6 +310,8 @@ def print_table(result: dict) -> None:
         spread = f"{r['min_s'] * 1e3:.0f}-{max(r['times_s']) * 1e3:.0f}"
         print(f"{n:<18}{r['median_s'] * 1e3:>8.0f}{spread:>14}{r['tokens_per_s']:>10.0f}{vd:>16}"
               f"{r['saved_mb']:>10.0f}{pk:>9}{err:>9}")
+    for n, why in result.get("unavailable", {}).items():
+        print(f"{n:<18}unavailable: {why}")
     sm = result["summary"]
     if sm.get("best_path"):
         line = f"ours ({sm['best_path']} backend):"
@@ -304,6 +319,8 @@ def print_table(result: dict) -> None:
             line += f"  {sm['best_vs_hf_eager']:.2f}x transformers (eager experts)"
         if sm.get("best_vs_best_hf"):
             line += f"  {sm['best_vs_best_hf']:.2f}x the faster transformers path ({sm['best_hf']})"
+        if sm.get("auto_vs_torchtitan"):
+            line += f"  {sm['auto_vs_torchtitan']:.2f}x torchtitan"
         print(line)
 
 
@@ -315,7 +332,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
     ap.add_argument("--paths", nargs="+", default=["all"],
                     help="dense auto auto:train reference grouped:loop grouped:grouped_mm grouped:padded triton "
-                         "hf:eager hf:grouped_mm")
+                         "torchtitan hf:eager hf:grouped_mm")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--stat", default="median", choices=["min", "median"], help="step time used for throughput")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
