@@ -40,7 +40,7 @@ _SORT = {"aten::argsort", "aten::sort", "aten::searchsorted", "aten::div", "aten
 _ROUTER = {"aten::softmax", "aten::_softmax", "aten::sigmoid", "aten::log_softmax", "aten::_log_softmax",
            "aten::_softmax_backward_data", "aten::sigmoid_backward"}
 _ACT = {"aten::silu", "aten::silu_", "aten::gelu", "aten::relu", "aten::mul", "aten::mul_", "aten::silu_backward",
-        "aten::gelu_backward", "aten::threshold_backward", "aten::sigmoid", "aten::relu_", "aten::pow",
+        "aten::gelu_backward", "aten::threshold_backward", "aten::relu_", "aten::pow",
         "aten::tanh", "aten::tanh_backward", "aten::linalg_vecdot", "aten::sum", "aten::add", "aten::add_"}
 _SYNC = {"aten::item", "aten::_local_scalar_dense", "aten::tolist", "aten::nonzero", "aten::unique",
          "aten::_unique2", "aten::repeat_interleave"}

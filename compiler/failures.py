@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import NoReturn
 
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
@@ -35,7 +36,7 @@ def install_sigterm() -> None:
         pass
 
 
-def end_process(code: int):
+def end_process(code: int) -> NoReturn:
     """Exit now with `code`, without the interpreter's shutdown.
 
     Why: the work is over (every output closed, synced and renamed into place, or removed), and
@@ -59,7 +60,7 @@ def end_process(code: int):
     os._exit(code)
 
 
-def run_as_process(prog: str, body) -> None:
+def run_as_process(prog: str, body) -> NoReturn:
     """Run a command-line tool's `body()` (returning its exit code) as the whole process: SIGTERM
     ends it like Ctrl-C; once an output is in place further interrupts are ignored (the run only
     prints its last line, and must not report a complete output as not written); the exit is
