@@ -10,12 +10,18 @@ Models:
 Spec: expansion 2, granularity 1, top_k 1, router topk_then_softmax (every expert is the dense
 MLP and the single kept weight is 1, so each layer is verified exact on its synthetic probe).
 
-Each conversion runs in a fresh child process (`upcycle.compiler.streaming.stream_upcycle`), which
-reports its wall time and peak RSS (VmHWM from /proc/self/status) minus the RSS of the interpreter
-with its imports (torch, transformers, upcycle) measured just before, so the figure is the
-conversion's own; the process peak is in the JSON too. The baseline is a plain copy
-of the same output weight files (read + write + fsync, as the converter fsyncs its shards), timed
-in another child. Prints a table and writes JSON (default benchmarks/convert_results.json).
+Each conversion runs in a fresh child process (`upcycle.compiler.streaming.stream_upcycle`, the
+CLI's default for safetensors input), which reports its wall time, its profile (seconds per phase:
+plan = importing the model's code and tracing it on the meta device, read, map, check = the
+per-layer verification, and the writer threads' write, sha256 and fsync) and peak RSS (VmHWM from
+/proc/self/status) minus the RSS of the interpreter with its imports (torch, transformers,
+upcycle) measured just before, so the figure is the conversion's own; the process peak is in the
+JSON too. The baseline is the I/O no conversion can avoid: read every input weight file and write
+the output's number of bytes in files of the converter's shard size, each fsynced (child_io).
+Conversion and baseline alternate `--repeats` times, the baseline in the state the conversion
+started from (input read before, no output on disk): on this VM a write right after another large
+write runs 3-4x slower, so only such pairs compare. Also timed: copying the output files.
+Prints a table and writes JSON (default benchmarks/convert_results.json).
 
 Side by side with mergekit-moe (`pip install -e .[bench]`; skipped with a message if absent): the
 job of issue 12, SmolLM2-135M fp32 -> 8 full-width copies of the MLP, top-2, Mixtral format, each
@@ -105,7 +111,7 @@ def child_convert(src: str, out: str) -> dict:
     res = stream_upcycle(SPEC, src, out, force=True)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "peak_rss_mb": vm_hwm_mb() - base, "process_peak_rss_mb": vm_hwm_mb(),
-            "imports_rss_mb": base, "input_bytes": res.input_bytes,
+            "imports_rss_mb": base, "input_bytes": res.input_bytes, "profile": res.profile,
             "output_bytes": res.output_bytes, "layers_verified": len(res.report.layers),
             "layers_passed": sum(1 for c in res.report.layers if c["passed"])}
 
@@ -126,6 +132,48 @@ def child_copy(out: str, dst: str) -> dict:
     return {"seconds": time.perf_counter() - t0, "bytes": total, "peak_rss_mb": vm_hwm_mb()}
 
 
+def _input_chunks(files: list[Path], want: int, buf: memoryview):
+    """Views of `buf` filled from the input files in turn (again from the first when they run out),
+    `want` bytes in all."""
+    given = 0
+    while given < want:
+        for f in files:
+            with open(f, "rb", buffering=0) as fi:
+                while given < want and (n := fi.readinto(buf)):
+                    n = min(n, want - given)
+                    given += n
+                    yield buf[:n]
+
+
+def child_io(src: str, out_bytes: str, dst: str, shard_bytes: str = str(2 * 10**9)) -> dict:
+    """The I/O a conversion cannot avoid: read every input weight file once and write the output's
+    number of bytes (the input's bytes over and over) in files of the converter's shard size, each
+    fsynced when complete (as `cp` then `sync` would; one 4.6 GB file fsynced at the end measured
+    2x slower here: the kernel throttles writers above its dirty-page limit)."""
+    files = sorted(Path(src).glob("*.safetensors"))
+    want, shard = int(out_bytes), int(shard_bytes)
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    fo, in_file, k = None, 0, 0
+    for chunk in _input_chunks(files, want, memoryview(bytearray(16 << 20))):
+        while len(chunk):
+            if fo is None:
+                fo, in_file, k = open(Path(dst) / f"out-{k:05d}.bin", "wb"), 0, k + 1
+            m = min(len(chunk), shard - in_file)
+            fo.write(chunk[:m])
+            chunk, in_file = chunk[m:], in_file + m
+            if in_file == shard:
+                fo.flush()
+                os.fsync(fo.fileno())
+                fo.close()
+                fo = None
+    if fo is not None:
+        fo.flush()
+        os.fsync(fo.fileno())
+        fo.close()
+    return {"seconds": time.perf_counter() - t0, "bytes": want}
+
+
 def _child(*args) -> dict:
     r = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
@@ -134,22 +182,41 @@ def _child(*args) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def bench(name: str, src: Path) -> dict:
+def bench(name: str, src: Path, repeats: int) -> dict:
+    """`repeats` alternated pairs (conversion, then the baseline I/O in the same disk state): this
+    machine's disk throughput moves by 4x from minute to minute, so only side-by-side pairs compare."""
     out = WORK / f"{name}-moe"
     copy = WORK / f"{name}-copy"
-    shutil.rmtree(out, ignore_errors=True)
-    conv = _child("convert", str(src), str(out))
-    shutil.rmtree(copy, ignore_errors=True)
-    cp = _child("copy", str(out), str(copy))
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.rmtree(out, ignore_errors=True)
+    convs, ios, copies = [], [], []
+    for r in range(repeats):
+        shutil.rmtree(out, ignore_errors=True)
+        convs.append(_child("convert", str(src), str(out)))
+        shutil.rmtree(copy, ignore_errors=True)
+        copies.append(_child("copy", str(out), str(copy)))
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        # the baseline in the state the conversion started from: the input read before, no output
+        ios.append(_child("io", str(src), str(convs[-1]["output_bytes"]), str(copy)))
+        shutil.rmtree(copy, ignore_errors=True)
+        print(f"  [{r + 1}/{repeats}] {name}: convert {convs[-1]['seconds']:.1f} s, read input + write output "
+              f"{ios[-1]['seconds']:.1f} s, copy output {copies[-1]['seconds']:.1f} s", file=sys.stderr)
+    ratios = [c["seconds"] / i["seconds"] for c, i in zip(convs, ios)]
+    k = sorted(range(repeats), key=lambda j: ratios[j])[repeats // 2]  # the median pair
+    conv = convs[k]
     return {
         "model": name,
         "input_gb": conv["input_bytes"] / 1e9,
         "output_gb": conv["output_bytes"] / 1e9,
+        "repeats": repeats,
         "convert_s": conv["seconds"],
-        "copy_output_s": cp["seconds"],
-        "time_ratio": conv["seconds"] / cp["seconds"],
+        "io_s": ios[k]["seconds"],  # the baseline: read the input + write the output bytes + fsync
+        "time_ratio": ratios[k],  # median over pairs of convert / baseline
+        "time_ratios": ratios,
+        "convert_s_all": [c["seconds"] for c in convs],
+        "io_s_all": [i["seconds"] for i in ios],
+        "copy_output_s": copies[k]["seconds"],
+        "copy_output_ratio": conv["seconds"] / copies[k]["seconds"],
+        "profile": conv["profile"],
         "peak_rss_mb": conv["peak_rss_mb"],  # the conversion's own: process peak minus the imports
         "process_peak_rss_mb": conv["process_peak_rss_mb"],
         "imports_rss_mb": conv["imports_rss_mb"],
@@ -264,12 +331,13 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint in .cache/bench-convert")
     p.add_argument("--versus-mergekit", action="store_true",
                    help="also run issue 12's job side by side with mergekit-moe, and the synthetic model with --format hf")
-    p.add_argument("--repeats", type=int, default=3, help="alternated runs per tool in --versus-mergekit")
+    p.add_argument("--repeats", type=int, default=3, help="alternated runs (conversion and baseline pairs; tools in "
+                   "--versus-mergekit)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         kind, *rest = args.child
-        result = {"convert": child_convert, "copy": child_copy, "synth": lambda d: {"path": str(make_synthetic(Path(d)))},
+        result = {"convert": child_convert, "copy": child_copy, "io": child_io, "synth": lambda d: {"path": str(make_synthetic(Path(d)))},
                   "smollm2": lambda: {"path": str(smollm2_dir())}}[kind](*rest)
         print(json.dumps(result))
         return
@@ -284,19 +352,27 @@ def main() -> None:
             print(f"synthetic checkpoint ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         else:
             raise SystemExit(f"unknown model {name!r}")
-        rows.append(bench(name, src))
+        rows.append(bench(name, src, args.repeats))
         if args.versus_mergekit and name == "smollm2-135m":
             versus = versus_mergekit(src, args.repeats)
         if args.versus_mergekit and name == "synthetic-3gb":
             rows[-1]["format_hf"] = synthetic_hf(src)
         if name == "synthetic-3gb" and not args.keep:
             shutil.rmtree(src, ignore_errors=True)
-    header = f"{'model':<15}{'in GB':>7}{'out GB':>8}{'convert s':>11}{'copy s':>8}{'ratio':>7}{'peak RSS MB':>13}{'RSS/in':>8}{'verified':>10}"
+    print("time ratio: conversion / (read the input + write the output bytes + fsync), median of alternated pairs")
+    header = (f"{'model':<15}{'in GB':>7}{'out GB':>8}{'convert s':>11}{'I/O s':>8}{'ratio':>7}{'peak RSS MB':>13}"
+              f"{'RSS/in':>8}{'verified':>10}")
     print(header)
     for r in rows:
-        print(f"{r['model']:<15}{r['input_gb']:>7.2f}{r['output_gb']:>8.2f}{r['convert_s']:>11.1f}{r['copy_output_s']:>8.1f}"
+        print(f"{r['model']:<15}{r['input_gb']:>7.2f}{r['output_gb']:>8.2f}{r['convert_s']:>11.1f}{r['io_s']:>8.1f}"
               f"{r['time_ratio']:>7.2f}{r['peak_rss_mb']:>13.0f}{r['rss_over_input']:>8.2f}"
               f"{str(r['layers_passed']) + '/' + str(r['layers_verified']):>10}")
+    print("\nwhere the conversion's time went (s; the writer's threads overlap the main thread's phases)")
+    keys = list(rows[0]["profile"]) if rows else []
+    widths = [max(9, len(k)) + 1 for k in keys]
+    print(f"{'model':<15}" + "".join(f"{k[:-2]:>{w}}" for k, w in zip(keys, widths)))
+    for r in rows:
+        print(f"{r['model']:<15}" + "".join(f"{r['profile'][k]:>{w}.2f}" for k, w in zip(keys, widths)))
     for r in rows:
         if "format_hf" in r:
             h = r["format_hf"]

@@ -18,6 +18,7 @@ import json
 import os
 import stat
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,8 +171,16 @@ class TensorReader:
     def __init__(self, infos: dict[str, TensorInfo]):
         self.infos = infos
         self._files: dict[Path, object] = {}
+        self.seconds = 0.0  # spent in get(): the streaming profile's "read"
 
     def get(self, name: str) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self._get(name)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _get(self, name: str) -> torch.Tensor:
         info = self.infos[name]
         dtype = ST_DTYPES[info.dtype]
         if info.nbytes == 0:
@@ -180,15 +189,16 @@ class TensorReader:
         try:
             if f is None:
                 f = self._files[info.file] = open(info.file, "rb")
-            buf = bytearray(info.nbytes)
+            # torch.empty, not bytearray: a bytearray is zero-filled first, a second pass over memory
+            out = torch.empty(info.nbytes, dtype=torch.uint8)
             f.seek(info.offset)
-            got = f.readinto(buf)
+            got = f.readinto(memoryview(out.numpy()))
         except OSError as exc:
             raise ModelError(f"{info.file}: cannot read tensor {name!r} ({exc.strerror or exc})") from None
         if got != info.nbytes:
             raise ModelError(f"{info.file}: truncated while reading tensor {name!r} ({got} of {info.nbytes} bytes); "
                              "the file changed or is incomplete")
-        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+        return out.view(dtype).reshape(info.shape)
 
     def close(self) -> None:
         for f in self._files.values():
@@ -219,7 +229,7 @@ class ShardWriter:
     `max_pending_bytes` of produced tensors wait for the disk, which bounds the extra memory."""
 
     def __init__(self, folder: Path, plan: list[OutTensor], max_shard_bytes: int, metadata: dict | None = None,
-                 max_pending_bytes: int = 64 << 20):
+                 max_pending_bytes: int = 64 << 20, seconds: IOSeconds | None = None):
         self.folder = Path(folder)
         self.metadata = {"format": "pt", **(metadata or {})}
         shards: list[list[OutTensor]] = [[]]
@@ -238,7 +248,7 @@ class ShardWriter:
         self._shard = -1
         self.files: dict[str, dict] = {}  # name -> {"bytes", "sha256"}
         self.total_bytes = sum(t.nbytes for t in plan)
-        self._io = _BackgroundIO(max_pending_bytes)
+        self._io = _BackgroundIO(max_pending_bytes, seconds or IOSeconds())
 
     def _header(self, k: int) -> bytes:
         header, offset = {}, 0
@@ -249,6 +259,11 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         return struct.pack("<Q", len(raw)) + raw
+
+    def while_waiting(self, work) -> None:
+        """`work()` is called, instead of sleeping, whenever the producer waits for the disk; it
+        returns True while it did something (streaming runs its deferred layer checks there)."""
+        self._io.idle = work
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         k, t = self.order[self._pos]
@@ -286,6 +301,26 @@ class ShardWriter:
 SYNC_EVERY_BYTES = 256 << 20
 
 
+class IOSeconds:
+    """Where the writer's time went (the streaming profile): each field is summed over calls on
+    its own thread, so they overlap one another and the producer's work."""
+
+    def __init__(self) -> None:
+        self.write = self.sha256 = self.fsync = 0.0  # background threads
+        self.producer_wait = 0.0  # the producer asleep, waiting for the disk (idle work excluded)
+
+    def timed(self, field: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
+
+    def to_dict(self) -> dict:
+        return {"write_s": self.write, "sha256_s": self.sha256, "fsync_s": self.fsync,
+                "producer_wait_s": self.producer_wait}
+
+
 def _fsync_close(file) -> None:
     try:
         os.fsync(file.fileno())
@@ -299,7 +334,7 @@ class _BackgroundIO:
     layers are mapped, instead of the whole output waiting for the final fsync) and each finished
     file. An error there is raised by the producer's next call."""
 
-    def __init__(self, max_pending_bytes: int):
+    def __init__(self, max_pending_bytes: int, seconds: IOSeconds):
         import queue
         import threading
 
@@ -316,6 +351,8 @@ class _BackgroundIO:
         self._synced: list = []
         self._thread = threading.Thread(target=self._run, name="upcycle-shard-writer", daemon=True)
         self._thread.start()
+        self.idle = None  # producer-side work to do while waiting (ShardWriter.while_waiting)
+        self.seconds = seconds
 
     def _check(self) -> None:
         if self._error is not None:
@@ -325,16 +362,31 @@ class _BackgroundIO:
         self._check()
         self._queue.put(("open", path, header))
 
+    def _wait(self, ready) -> None:
+        """Until ready(): the idle work first (it runs while the writer thread has data), then sleep."""
+        while True:
+            with self._cond:
+                if ready():
+                    return
+            if self.idle is None or not self.idle():
+                break
+        t0 = time.perf_counter()
+        with self._cond:
+            self._cond.wait_for(ready)
+        self.seconds.producer_wait += time.perf_counter() - t0
+
     def put(self, data: memoryview) -> None:
-        with self._cond:  # wait until the disk has caught up (one buffer may always be pending)
-            self._cond.wait_for(lambda: self._pending == 0 or self._pending + data.nbytes <= self._max_pending
-                                or self._error is not None)
+        def room() -> bool:  # the disk has caught up (one buffer may always be pending)
+            return self._pending == 0 or self._pending + data.nbytes <= self._max_pending or self._error is not None
+
+        self._wait(room)
+        with self._cond:
             self._pending += data.nbytes
         self._check()
         self._queue.put(("data", data))
         if data.nbytes > self._max_pending:  # a large tensor (an embedding) is written before the
-            with self._cond:                 # next layer is built, so the two are not alive together
-                self._cond.wait_for(lambda: self._pending == 0 or self._error is not None)
+            # next layer is built, so the two are not alive together
+            self._wait(lambda: self._pending == 0 or self._error is not None)
             self._check()
 
     def close_file(self) -> None:
@@ -381,19 +433,20 @@ class _BackgroundIO:
                     unsynced = 0
                 elif kind == "data":
                     try:  # hash on a second thread while this one writes the same buffer
-                        hashed = self._hasher.submit(digest.update, item[1])
-                        self._write(file, item[1])
+                        hashed = self._hasher.submit(self.seconds.timed, "sha256", digest.update, item[1])
+                        self.seconds.timed("write", self._write, file, item[1])
                         hashed.result()
                         unsynced += item[1].nbytes
                         if unsynced >= SYNC_EVERY_BYTES:  # keep the disk busy now, not all at the final fsync
                             file.flush()
-                            self._synced.append(self._syncer.submit(os.fdatasync, file.fileno()))
+                            self._synced.append(self._syncer.submit(self.seconds.timed, "fsync", os.fdatasync,
+                                                                    file.fileno()))
                             unsynced = 0
                     finally:
                         self._release(item[1].nbytes)
                 elif kind == "close":  # fsync on a third thread: the next shard's writes go on meanwhile
                     file.flush()
-                    self._synced.append(self._syncer.submit(_fsync_close, file))
+                    self._synced.append(self._syncer.submit(self.seconds.timed, "fsync", _fsync_close, file))
                     file = None
                     self._done.append((path, digest.hexdigest()))
             except BaseException as e:  # noqa: BLE001 - re-raised on the producer's thread

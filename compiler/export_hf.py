@@ -254,11 +254,14 @@ def export_record(plan: ExportPlan) -> dict:
 
 def write_hf_folder(tmp: Path, cfg, tensors, plan: list, max_shard_bytes: int, *, spec=None, report=None,
                     generation_config=None, source_class: str = "", extra: dict | None = None,
-                    carried: dict | None = None) -> dict:
+                    carried: dict | None = None, while_waiting=None, io_seconds=None) -> dict:
     """Shards + index, config (+ generation config), spec, report and upcycle_export.json into `tmp`;
     `carried` ({name: path}: tokenizer files, generation_config.json) copied as they are.
-    `tensors` yields (name, tensor) in `plan`'s order. Returns the written weight files."""
-    writer = ShardWriter(tmp, plan, max_shard_bytes)
+    `tensors` yields (name, tensor) in `plan`'s order. Returns the written weight files.
+    `while_waiting`, `io_seconds`: see ShardWriter."""
+    writer = ShardWriter(tmp, plan, max_shard_bytes, seconds=io_seconds)
+    if while_waiting is not None:
+        writer.while_waiting(while_waiting)
     try:
         for name, value in tensors:
             writer.write(name, value)

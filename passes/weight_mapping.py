@@ -235,8 +235,11 @@ def expert_weights(dense: DenseMLPWeights, spec: UpcycleSpec, scale: Scaling, ge
             return shards.repeat(e, *([1] * (shards.dim() - 1)))
         return torch.cat([shard_rows(t[p], g)[s:] for p in perms])
 
+    def scaled(t: torch.Tensor, factor: float) -> torch.Tensor:  # fp32; no pass over memory for × 1
+        return t.float() if factor == 1.0 else t.float() * factor
+
     def experts_from_rows(t: torch.Tensor | None, factor: float) -> torch.Tensor | None:
-        return None if t is None else copies(t.float() * factor)
+        return None if t is None else copies(scaled(t, factor))
 
     out = {
         "up_proj": experts_from_rows(dense.up, scale.first),  # [N, H, D]
@@ -244,7 +247,7 @@ def expert_weights(dense: DenseMLPWeights, spec: UpcycleSpec, scale: Scaling, ge
         "up_bias": experts_from_rows(dense.up_bias, scale.first),  # [N, H]
         "gate_bias": experts_from_rows(dense.gate_bias, scale.first),
     }
-    down = dense.down.float().t() * scale.down  # [F, D]
+    down = scaled(dense.down, scale.down).t()  # [F, D]
     if perms is None:  # transpose once, copy E times
         out["down_proj"] = shard_rows(down, g)[s:].transpose(1, 2).contiguous().repeat(e, 1, 1)  # [N, D, H]
     else:

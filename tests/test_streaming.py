@@ -143,6 +143,43 @@ def test_interrupted_run_leaves_nothing_and_reruns(models, tmp_path):
     stream_upcycle(SPEC, models / "untied", out, force=True)
 
 
+@pytest.mark.parametrize("fmt", ["native", "hf"])
+def test_layer_checks_run_while_writing_and_a_failing_one_leaves_nothing(models, tmp_path, monkeypatch, fmt):
+    """Layer checks are deferred to the producer's waits for the disk: every layer is still checked,
+    in order, and a layer that fails stops the run before the output exists."""
+    import upcycle.compiler.pipeline as pipeline
+    from upcycle.compiler.errors import VerificationError
+    from upcycle.passes.verify import check_layer
+
+    seen, waiting = [], []
+
+    class Slow(ShardWriter):  # a writer queue of one byte: the producer waits after every buffer
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self._io._max_pending = 1
+            real = self._io._wait
+            self._io._wait = lambda ready: (waiting.append(1), real(ready))[1]
+
+    def recording(path, *a, **k):
+        seen.append(path)
+        check = check_layer(path, *a, **k)
+        if fail and path.endswith("layers.1.mlp"):
+            check.passed = False
+        return check
+
+    monkeypatch.setattr(pipeline, "check_layer", recording)
+    fail = False
+    res = stream_upcycle(SPEC, models / "untied", tmp_path / "ok", writer_factory=Slow, fmt=fmt) if fmt == "native" \
+        else stream_upcycle(SPEC, models / "untied", tmp_path / "ok", fmt=fmt)
+    assert seen == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert [c["mlp_path"] for c in res.report.layers] == seen and all(c["passed"] for c in res.report.layers)
+    assert fmt == "hf" or waiting
+    fail, seen = True, []
+    with pytest.raises(VerificationError, match="layers.1.mlp"):
+        stream_upcycle(SPEC, models / "untied", tmp_path / "bad", fmt=fmt)
+    assert not (tmp_path / "bad").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
+
+
 def test_cli_stream_and_generate(models, tmp_path, capsys):
     out = tmp_path / "o"
     assert run([SPEC, str(models / "tied"), "-o", str(out), "--stream", "--no-progress", "--max-shard-size", "40KB"]) == 0
@@ -198,3 +235,30 @@ def test_gpt2_stream_equals_in_memory(tmp_path):
     a = upcycle.load(tmp_path / "s").state_dict()
     b = upcycle.load(_in_memory(tmp_path / "gpt2", tmp_path / "m", DISTINCT)).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_profile_phases_are_measured_and_fit_in_the_total(models, tmp_path):
+    """StreamResult.profile: the main thread's phases run one after another, so they add up to no more
+    than the total; the writer's threads report their own time."""
+    res = stream_upcycle(SPEC, models / "untied", tmp_path / "out")
+    p = res.profile
+    main = p["plan_s"] + p["read_s"] + p["map_s"] + p["check_s"] + p["probe_s"] + p["producer_wait_s"]
+    assert 0 < main <= p["total_s"] + 1e-3 and p["total_s"] == res.seconds
+    assert all(p[k] > 0 for k in ("plan_s", "read_s", "map_s", "check_s", "write_s", "sha256_s", "fsync_s"))
+
+
+def test_benchmark_baseline_reads_the_input_and_writes_the_output_bytes_in_shards(models, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from convert import child_io
+
+    src = models / "untied"
+    in_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    want = 2 * in_bytes + 123  # more than the input: it is read again from the start
+    res = child_io(str(src), str(want), str(tmp_path / "io"), str(in_bytes // 3))
+    sizes = sorted(f.stat().st_size for f in (tmp_path / "io").iterdir())
+    assert res["bytes"] == want == sum(sizes) and max(sizes) == in_bytes // 3 and len(sizes) == -(-want // (in_bytes // 3))
+    data = b"".join(f.read_bytes() for f in sorted((tmp_path / "io").iterdir()))
+    raw = b"".join(f.read_bytes() for f in sorted(src.glob("*.safetensors")))
+    assert data == (raw * 3)[:want]
