@@ -93,6 +93,72 @@ def add_rows(out: Tensor, index: Tensor, rows: Tensor) -> Tensor:
     return out.scatter_add_(0, index[:, None].expand_as(rows), rows)
 
 
+# CPU: the experts' GEMMs are small ([~S/N, D] x [D, H]) and a BLAS splitting each of them over
+# the cores loses to one core per run of experts: at E8G8T8 d576 1024 tokens, 64 products
+# [128, 576] x [576, 192] took 16.1 ms on 2 threads, 21.7 ms on 1, 11.4 ms as two runs of 32 on
+# two threads of one core each (one [1024, 576] x [576, 1536] product: 9.9 ms). The glue between
+# them (gathers, activation, scaling, scatter) is split with them.
+PARALLEL_MIN_EXPERTS_PER_THREAD = 2
+PARALLEL_MIN_MACS = 1 << 24  # rows x D x H below this (~0.3 ms of GEMM): the hand-off costs more than it saves
+_WORKERS: dict[int, "ThreadPoolExecutor"] = {}
+
+
+def _workers(n: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    if n not in _WORKERS:
+        _WORKERS[n] = ThreadPoolExecutor(n, thread_name_prefix="upcycle-experts",
+                                         initializer=torch.set_num_threads, initargs=(1,))
+    return _WORKERS[n]
+
+
+def expert_runs(sizes: list[int], experts: list[int], parts: int) -> list[list[int]]:
+    """`experts` (in order) cut into at most `parts` contiguous runs of about equal token counts:
+    each expert goes to the run its middle token falls in."""
+    total = max(sum(sizes[e] for e in experts), 1)
+    runs: list[list[int]] = [[] for _ in range(parts)]
+    done = 0
+    for e in experts:
+        runs[min(parts - 1, int(parts * (done + sizes[e] / 2) / total))].append(e)
+        done += sizes[e]
+    return [r for r in runs if r]
+
+
+def _no_grad_run(body, run_experts, acc) -> None:
+    with torch.no_grad():  # autograd mode is per thread; the op's own thread runs below autograd
+        body(run_experts, acc)
+
+
+def over_experts(body, experts: list[int], sizes: list[int], acc: Tensor, macs_per_row: int = 0) -> None:
+    """body(run, acc) over all `experts`: on CPU with several threads, one run of experts per
+    thread, each on one core, each adding rows into its own [T, D] accumulator (`acc` for the first,
+    summed into it after), so no two threads write the same memory; elsewhere one call. Sums are
+    then in a different order than one run's, the same for a given thread count. macs_per_row: D x H,
+    so that small problems (the hand-off is tens of microseconds) stay on one thread."""
+    n = torch.get_num_threads()
+    if acc.device.type != "cpu" or n < 2 or len(experts) < PARALLEL_MIN_EXPERTS_PER_THREAD * n \
+            or sum(sizes) * macs_per_row < PARALLEL_MIN_MACS:
+        body(experts, acc)
+        return
+    runs = expert_runs(sizes, experts, n)
+    accs = [acc] + [torch.zeros_like(acc) for _ in runs[1:]]
+    pool = _workers(n - 1)
+    torch.set_num_threads(1)
+    try:
+        futures = [pool.submit(_no_grad_run, body, r, a) for r, a in zip(runs[1:], accs[1:])]
+        try:
+            body(runs[0], accs[0])
+        finally:
+            errors = [f.exception() for f in futures]  # every run has ended before anything is read
+    finally:
+        torch.set_num_threads(n)
+    for err in errors:
+        if err is not None:
+            raise err
+    for a in accs[1:]:
+        acc.add_(a)
+
+
 def _loop_forward(x, w_slot, token, offsets, gw, uw, dw, gb, ub, db, activation, save):
     act = get_activation(activation)
     s_total, h_dim = token.shape[0], uw.shape[1]
@@ -106,19 +172,23 @@ def _loop_forward(x, w_slot, token, offsets, gw, uw, dw, gb, ub, db, activation,
     u_out = u_all.split(sizes) if save else [None] * len(sizes)
     gwT, uwT, dwT = _per_expert(gw, True), _per_expert(uw, True), _per_expert(dw, True)  # [D, H], [H, D]
     gbs, ubs, dbs = (list(b.unbind(0)) if b is not None else [None] * len(sizes) for b in (gb, ub, db))
-    for e in experts:
-        te = tok[e]
-        xe = x.index_select(0, te)  # [n, D]
-        u = _mm(xe, uwT[e], ubs[e], u_out[e])  # [n, H]
-        if gated:
-            h = act(_mm(xe, gwT[e], gbs[e], g_out[e])).mul_(u)  # [n, H]
-        else:
-            h = act(u)
-        if db is None and h.dtype == torch.float32:  # scale the narrower h rather than y
-            y = torch.mm(h.mul_(ws[e][:, None]), dwT[e])  # [n, D]
-        else:
-            y = _mm(h, dwT[e], dbs[e]).float().mul_(ws[e][:, None])
-        add_rows(out, te, y)
+
+    def run(run_experts: list[int], acc: Tensor) -> None:
+        for e in run_experts:
+            te = tok[e]
+            xe = x.index_select(0, te)  # [n, D]
+            u = _mm(xe, uwT[e], ubs[e], u_out[e])  # [n, H]
+            if gated:
+                h = act(_mm(xe, gwT[e], gbs[e], g_out[e])).mul_(u)  # [n, H]
+            else:
+                h = act(u)
+            if db is None and h.dtype == torch.float32:  # scale the narrower h rather than y
+                y = torch.mm(h.mul_(ws[e][:, None]), dwT[e])  # [n, D]
+            else:
+                y = _mm(h, dwT[e], dbs[e]).float().mul_(ws[e][:, None])
+            add_rows(acc, te, y)
+
+    over_experts(run, experts, sizes, out, x.shape[1] * h_dim)
     return out, g_all, u_all
 
 
@@ -145,6 +215,17 @@ def _loop_backward(dout, x, w_slot, token, offsets, g_all, u_all, gw, uw, dw, gb
     us = u_all.split(sizes)
     gwl, uwl, dwl = _per_expert(gw), _per_expert(uw), _per_expert(dw)  # [H, D], [H, D], [D, H]
     d_gwl, d_uwl, d_dwl = _per_expert(d_gw), _per_expert(d_uw), _per_expert(d_dw)
+    over_experts(lambda run_experts, acc: _loop_backward_experts(
+        run_experts, acc, dout, x, tok, ws, dws, gs, us, gwl, uwl, dwl, d_gwl, d_uwl, d_dwl, d_db, d_gb, d_ub,
+        db, ub, gb, act, activation, dtype), experts, sizes, dx, x.shape[1] * uw.shape[1])
+    return dx.to(dtype), dw_slot, d_gw, d_uw, d_dw, d_gb, d_ub, d_db
+
+
+def _loop_backward_experts(experts, dx, dout, x, tok, ws, dws, gs, us, gwl, uwl, dwl, d_gwl, d_uwl, d_dwl, d_db,
+                           d_gb, d_ub, db, ub, gb, act, activation, dtype) -> None:
+    """The backward of `experts` (a run of them): their weight gradients into their own slices,
+    their input gradient added into `dx`."""
+    gated = gs is not None
     for e in experts:
         te = tok[e]
         we = ws[e][:, None]  # [n, 1] fp32
@@ -181,7 +262,6 @@ def _loop_backward(dout, x, w_slot, token, offsets, g_all, u_all, gw, uw, dw, gb
             if gb is not None:
                 d_gb[e] = dg.sum(0)
         add_rows(dx, te, dxe if dxe.dtype == torch.float32 else dxe.float())
-    return dx.to(dtype), dw_slot, d_gw, d_uw, d_dw, d_gb, d_ub, d_db
 
 
 # --- strategies on whole-S tensors: grouped GEMM primitives -----------------------------------

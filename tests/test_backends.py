@@ -188,3 +188,60 @@ def test_activation_registry_is_the_one_source():
         assert all(h in ACT2FN for h in a.hf_names), name
     assert sorted(ACT_CODES.values()) == list(range(len(REGISTRY)))
     assert _ACT == {n: a.hf_names for n, a in REGISTRY.items()}
+
+
+def test_expert_runs_cut_contiguously_by_token_count():
+    from upcycle.runtime.grouped import expert_runs
+
+    sizes = [10, 0, 10, 10, 10, 1, 1, 40]
+    experts = [e for e, n in enumerate(sizes) if n]
+    assert expert_runs(sizes, experts, 2) == [[0, 2, 3, 4, 5], [6, 7]]  # 41 + 41 tokens
+    assert expert_runs(sizes, experts, 3) == [[0, 2, 3], [4, 5, 6], [7]]
+    assert expert_runs(sizes, experts, 1) == [experts]
+    assert expert_runs([5], [0], 4) == [[0]]
+    assert expert_runs([4] * 64, list(range(64)), 2) == [list(range(32)), list(range(32, 64))]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("case", ["gated_silu", "empty_experts", "gated_gelu_tanh_biases", "plain_silu_output_bias"])
+def test_loop_split_over_threads_matches_reference(case, threads, monkeypatch):
+    """CPU `loop` runs experts on several threads (one core each) when torch has several: forward
+    and every gradient still equal the reference, and torch's thread count is restored."""
+    import upcycle.runtime.grouped as G
+
+    monkeypatch.setattr(G, "PARALLEL_MIN_MACS", 0)  # these small cases would stay on one thread
+    calls = []
+    real = G.expert_runs
+    monkeypatch.setattr(G, "expert_runs", lambda *a: calls.append(a[-1]) or real(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        c = CASES[case]
+        experts, x, indices, weights = build(Case(**{**c.__dict__, "num_experts": 12, "tokens": 53}))
+        want = run(reference, experts, x, indices, weights)
+        got = run(grouped("loop"), experts, x, indices, weights)
+        assert torch.get_num_threads() == threads
+        assert calls == ([threads, threads] if threads > 1 else [])  # forward and backward were split
+        assert_matches(got, want, names(experts), TOL[torch.float32])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_loop_error_on_a_worker_thread_is_raised_and_threads_restored(monkeypatch):
+    import upcycle.runtime.grouped as G
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    calls = []
+
+    def body(run_experts, acc):
+        calls.append(list(run_experts))
+        if len(calls) == 2 or run_experts[0] != 0:
+            raise RuntimeError("worker failed")
+
+    try:
+        with pytest.raises(RuntimeError, match="worker failed"):
+            G.over_experts(body, list(range(8)), [3] * 8, torch.zeros(4, 2), macs_per_row=1 << 24)
+        assert torch.get_num_threads() == 2 and sorted(map(tuple, calls)) == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    finally:
+        torch.set_num_threads(before)
