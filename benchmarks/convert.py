@@ -145,6 +145,12 @@ def _input_chunks(files: list[Path], want: int, buf: memoryview):
                     yield buf[:n]
 
 
+def _close_synced(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
 def child_io(src: str, out_bytes: str, dst: str, shard_bytes: str = str(2 * 10**9)) -> dict:
     """The I/O a conversion cannot avoid: read every input weight file once and write the output's
     number of bytes (the input's bytes over and over) in files of the converter's shard size, each
@@ -163,14 +169,10 @@ def child_io(src: str, out_bytes: str, dst: str, shard_bytes: str = str(2 * 10**
             fo.write(chunk[:m])
             chunk, in_file = chunk[m:], in_file + m
             if in_file == shard:
-                fo.flush()
-                os.fsync(fo.fileno())
-                fo.close()
+                _close_synced(fo)
                 fo = None
     if fo is not None:
-        fo.flush()
-        os.fsync(fo.fileno())
-        fo.close()
+        _close_synced(fo)
     return {"seconds": time.perf_counter() - t0, "bytes": want}
 
 

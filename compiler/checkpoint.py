@@ -13,6 +13,7 @@ layout: `model.safetensors`, or `model-0000k-of-0000N.safetensors` + `model.safe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -168,17 +169,16 @@ class TensorReader:
     resident set until it is unmapped, so reading a 3 GB checkpoint through one mapping shows as
     3 GB of RSS even though each tensor is dropped after use."""
 
-    def __init__(self, infos: dict[str, TensorInfo]):
+    def __init__(self, infos: dict[str, TensorInfo], seconds: PhaseSeconds | None = None):
         self.infos = infos
         self._files: dict[Path, object] = {}
-        self.seconds = 0.0  # spent in get(): the streaming profile's "read"
+        self.seconds = seconds  # its "read" field sums the time spent in get() (the streaming profile)
 
     def get(self, name: str) -> torch.Tensor:
-        t0 = time.perf_counter()
-        try:
+        if self.seconds is None:
             return self._get(name)
-        finally:
-            self.seconds += time.perf_counter() - t0
+        with self.seconds.phase("read"):
+            return self._get(name)
 
     def _get(self, name: str) -> torch.Tensor:
         info = self.infos[name]
@@ -301,20 +301,29 @@ class ShardWriter:
 SYNC_EVERY_BYTES = 256 << 20
 
 
-class IOSeconds:
-    """Where the writer's time went (the streaming profile): each field is summed over calls on
-    its own thread, so they overlap one another and the producer's work."""
+class PhaseSeconds:
+    """Seconds summed per named phase (the streaming profile's accumulator)."""
+
+    @contextlib.contextmanager
+    def phase(self, field: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
+
+    def timed(self, field: str, fn, *args):
+        with self.phase(field):
+            return fn(*args)
+
+
+class IOSeconds(PhaseSeconds):
+    """Where the writer's time went: each field is summed over calls on its own thread, so they
+    overlap one another and the producer's work."""
 
     def __init__(self) -> None:
         self.write = self.sha256 = self.fsync = 0.0  # background threads
         self.producer_wait = 0.0  # the producer asleep, waiting for the disk (idle work excluded)
-
-    def timed(self, field: str, fn, *args):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
 
     def to_dict(self) -> dict:
         return {"write_s": self.write, "sha256_s": self.sha256, "fsync_s": self.fsync,
@@ -370,10 +379,8 @@ class _BackgroundIO:
                     return
             if self.idle is None or not self.idle():
                 break
-        t0 = time.perf_counter()
-        with self._cond:
+        with self.seconds.phase("producer_wait"), self._cond:
             self._cond.wait_for(ready)
-        self.seconds.producer_wait += time.perf_counter() - t0
 
     def put(self, data: memoryview) -> None:
         def room() -> bool:  # the disk has caught up (one buffer may always be pending)

@@ -36,8 +36,8 @@ from upcycle.passes.rewrite import linear_paths, rewrite_mlps
 from upcycle.passes.weight_mapping import plan_scaling
 from upcycle.specs import load_spec
 
-from .checkpoint import (ST_DTYPES, OutTensor, ShardWriter, TensorReader, checkpoint_files, dominant_float_dtype,
-                         scan_checkpoint)
+from .checkpoint import (ST_DTYPES, IOSeconds, OutTensor, PhaseSeconds, ShardWriter, TensorReader, checkpoint_files,
+                         dominant_float_dtype, scan_checkpoint)
 from .atomic import atomic_output, check_output
 from .errors import ModelError, UpcycleError
 from .loading import check_tensors_against, load_config, meta_skeleton, tied_aliases, tokenizer_files
@@ -154,28 +154,17 @@ class StreamResult:
     profile: dict = dataclasses.field(default_factory=dict)  # StreamProfile.to_dict(): seconds per phase
 
 
-class StreamProfile:
-    """Seconds per phase of a streamed conversion. Producer phases (plan, read, map, check) add up
-    along the main thread; the writer's (write, sha256, fsync) run on threads of their own and
-    overlap them, and producer_wait is how long the main thread slept waiting for the disk."""
+class StreamProfile(PhaseSeconds):
+    """Seconds per phase of a streamed conversion. Producer phases (plan, read, map, check, probe)
+    follow one another on the main thread (the probe's own reads count in read as well); the writer's (write, sha256, fsync) run on threads of their own
+    and overlap them, and producer_wait is how long the main thread slept waiting for the disk."""
 
     def __init__(self) -> None:
-        from .checkpoint import IOSeconds
-
-        self.plan = self.map = self.check = self.probe = 0.0
+        self.plan = self.read = self.map = self.check = self.probe = 0.0
         self.io = IOSeconds()
-        self.reader: TensorReader | None = None
-
-    @contextlib.contextmanager
-    def phase(self, field: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
 
     def to_dict(self, total: float) -> dict:
-        return {"total_s": total, "plan_s": self.plan, "read_s": self.reader.seconds if self.reader else 0.0,
+        return {"total_s": total, "plan_s": self.plan, "read_s": self.read,
                 "map_s": self.map, "check_s": self.check, "probe_s": self.probe, **self.io.to_dict()}
 
 
@@ -281,7 +270,7 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
                       force_resources=force_resources, inputs=[src])
 
     builder = MoEBuilder(spec, mp.discovery, None, _NullProgress(), structure_only=False)
-    reader = prof.reader = TensorReader(mp.infos)
+    reader = TensorReader(mp.infos, seconds=prof)
     bar = _bar(len(outputs), progress)
     src_dir = src if src.is_dir() else src.parent
     extra = tokenizer_files(src_dir)

@@ -215,53 +215,49 @@ def _loop_backward(dout, x, w_slot, token, offsets, g_all, u_all, gw, uw, dw, gb
     us = u_all.split(sizes)
     gwl, uwl, dwl = _per_expert(gw), _per_expert(uw), _per_expert(dw)  # [H, D], [H, D], [D, H]
     d_gwl, d_uwl, d_dwl = _per_expert(d_gw), _per_expert(d_uw), _per_expert(d_dw)
-    over_experts(lambda run_experts, acc: _loop_backward_experts(
-        run_experts, acc, dout, x, tok, ws, dws, gs, us, gwl, uwl, dwl, d_gwl, d_uwl, d_dwl, d_db, d_gb, d_ub,
-        db, ub, gb, act, activation, dtype), experts, sizes, dx, x.shape[1] * uw.shape[1])
+    fp32 = dtype == torch.float32
+
+    def run(run_experts: list[int], acc: Tensor) -> None:
+        """The backward of a run of experts: their weight gradients into their own slices, their
+        input gradient added into `acc`."""
+        for e in run_experts:
+            te = tok[e]
+            we = ws[e][:, None]  # [n, 1] fp32
+            dye = dout.index_select(0, te)  # [n, D]
+            u = us[e]
+            if gated:
+                g = gs[e]
+                a = act(g)
+                h = a * u  # [n, H]
+            else:
+                h = act(u)
+            dhu = torch.mm(dye, dwl[e])  # [n, H]: dout @ Wd_e, before the combine weight
+            torch.linalg.vecdot(dhu.float(), h.float(), out=dws[e])  # <dout, h @ Wd_eᵀ>
+            if db is not None:
+                dws[e].add_(dye.float() @ db[e].float())
+                d_db[e] = (we * dye.float()).sum(0).to(db.dtype)
+            # below, in-place where the dtype allows: h, dhu and dh are not needed afterwards
+            torch.mm(dye.t(), h.mul_(we) if fp32 else (h * we).to(dtype), out=d_dwl[e])  # [D, H]
+            dh = dhu.mul_(we) if fp32 else (dhu * we).to(dtype)  # [n, H]
+            if gated:
+                dg = activation_backward(activation, dh * u, g)
+                du = dh.mul_(a)
+            else:
+                du = activation_backward(activation, dh, u)
+            xe = x.index_select(0, te)  # [n, D]
+            dxe = torch.mm(du, uwl[e])  # [n, D]
+            torch.mm(du.t(), xe, out=d_uwl[e])
+            if ub is not None:
+                d_ub[e] = du.sum(0)
+            if gated:
+                dxe.addmm_(dg, gwl[e])
+                torch.mm(dg.t(), xe, out=d_gwl[e])
+                if gb is not None:
+                    d_gb[e] = dg.sum(0)
+            add_rows(acc, te, dxe if dxe.dtype == torch.float32 else dxe.float())
+
+    over_experts(run, experts, sizes, dx, x.shape[1] * uw.shape[1])
     return dx.to(dtype), dw_slot, d_gw, d_uw, d_dw, d_gb, d_ub, d_db
-
-
-def _loop_backward_experts(experts, dx, dout, x, tok, ws, dws, gs, us, gwl, uwl, dwl, d_gwl, d_uwl, d_dwl, d_db,
-                           d_gb, d_ub, db, ub, gb, act, activation, dtype) -> None:
-    """The backward of `experts` (a run of them): their weight gradients into their own slices,
-    their input gradient added into `dx`."""
-    gated = gs is not None
-    for e in experts:
-        te = tok[e]
-        we = ws[e][:, None]  # [n, 1] fp32
-        dye = dout.index_select(0, te)  # [n, D]
-        u = us[e]
-        if gated:
-            g = gs[e]
-            a = act(g)
-            h = a * u  # [n, H]
-        else:
-            h = act(u)
-        dhu = torch.mm(dye, dwl[e])  # [n, H]: dout @ Wd_e, before the combine weight
-        torch.linalg.vecdot(dhu.float(), h.float(), out=dws[e])  # <dout, h @ Wd_eᵀ>
-        if db is not None:
-            dws[e].add_(dye.float() @ db[e].float())
-            d_db[e] = (we * dye.float()).sum(0).to(db.dtype)
-        # below, in-place where the dtype allows: h, dhu and dh are not needed afterwards
-        fp32 = dtype == torch.float32
-        torch.mm(dye.t(), h.mul_(we) if fp32 else (h * we).to(dtype), out=d_dwl[e])  # [D, H]
-        dh = dhu.mul_(we) if fp32 else (dhu * we).to(dtype)  # [n, H]
-        if gated:
-            dg = activation_backward(activation, dh * u, g)
-            du = dh.mul_(a)
-        else:
-            du = activation_backward(activation, dh, u)
-        xe = x.index_select(0, te)  # [n, D]
-        dxe = torch.mm(du, uwl[e])  # [n, D]
-        torch.mm(du.t(), xe, out=d_uwl[e])
-        if ub is not None:
-            d_ub[e] = du.sum(0)
-        if gated:
-            dxe.addmm_(dg, gwl[e])
-            torch.mm(dg.t(), xe, out=d_gwl[e])
-            if gb is not None:
-                d_gb[e] = dg.sum(0)
-        add_rows(dx, te, dxe if dxe.dtype == torch.float32 else dxe.float())
 
 
 # --- strategies on whole-S tensors: grouped GEMM primitives -----------------------------------
