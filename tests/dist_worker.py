@@ -204,12 +204,14 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
         dist.init_process_group("gloo")
-    try:
-        result = globals()[f"scenario_{args.scenario}"](args, rank, world)
-        torch.save(result, os.path.join(args.out, f"{args.scenario}-rank{rank}.pt"))
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    result = globals()[f"scenario_{args.scenario}"](args, rank, world)
+    torch.save(result, os.path.join(args.out, f"{args.scenario}-rank{rank}.pt"))
+    if world > 1:
+        # only on success (a rank that failed exits and torchrun stops its peers; a collective
+        # teardown there would wait on them): every rank's work is finished before any rank tears
+        # gloo's pairs down (tearing them down while a peer still used them aborted a rank once in CI)
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

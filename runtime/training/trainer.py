@@ -68,7 +68,10 @@ class Dist:
         return t.tolist()
 
     def close(self):
+        """Tear the process group down once every rank has finished (called on success only: after a
+        failure the peers may never reach the barrier, and torchrun stops them anyway)."""
         if self.world > 1:
+            dist.barrier()
             dist.destroy_process_group()
 
 
