@@ -20,7 +20,9 @@ JSON too. The baseline is the I/O no conversion can avoid: read every input weig
 the output's number of bytes in files of the converter's shard size, each fsynced (child_io).
 Conversion and baseline alternate `--repeats` times, the baseline in the state the conversion
 started from (input read before, no output on disk): on this VM a write right after another large
-write runs 3-4x slower, so only such pairs compare. Also timed: copying the output files.
+write runs 3-4x slower, so only such pairs compare. Each model runs with its input in the page
+cache (warm) and, where the page cache can be dropped (root), read from disk (cold: the cache is
+dropped before each conversion and each baseline), the usual case for a freshly downloaded model. Also timed: copying the output files.
 Prints a table and writes JSON (default benchmarks/convert_results.json).
 
 Side by side with mergekit-moe (`pip install -e .[bench]`; skipped with a message if absent): the
@@ -33,7 +35,7 @@ our in-memory `--format hf`, and the synthetic 3 GB Llama at E = 2 with `--strea
 each next to copying its output bytes.
 
     .venv/bin/python benchmarks/convert.py [--models smollm2-135m synthetic-3gb] [--keep]
-                                           [--versus-mergekit] [--repeats 3]
+                                           [--versus-mergekit] [--repeats 3] [--cache warm|cold|both]
 """
 
 from __future__ import annotations
@@ -184,29 +186,51 @@ def _child(*args) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def bench(name: str, src: Path, repeats: int) -> dict:
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def drop_page_cache() -> bool:
+    """Write back and drop the kernel's page cache (root only), so the next run reads from disk."""
+    os.sync()
+    try:
+        DROP_CACHES.write_text("1")
+        return True
+    except OSError:
+        return False
+
+
+def bench(name: str, src: Path, repeats: int, cold: bool = False) -> dict:
     """`repeats` alternated pairs (conversion, then the baseline I/O in the same disk state): this
-    machine's disk throughput moves by 4x from minute to minute, so only side-by-side pairs compare."""
+    machine's disk throughput moves by 4x from minute to minute, so only side-by-side pairs compare.
+    cold: the page cache is dropped before each conversion and each baseline (a checkpoint read
+    from disk, as after a download or a reboot); else both find the input cached."""
     out = WORK / f"{name}-moe"
     copy = WORK / f"{name}-copy"
     convs, ios, copies = [], [], []
     for r in range(repeats):
         shutil.rmtree(out, ignore_errors=True)
+        if cold:
+            drop_page_cache()
         convs.append(_child("convert", str(src), str(out)))
         shutil.rmtree(copy, ignore_errors=True)
         copies.append(_child("copy", str(out), str(copy)))
         shutil.rmtree(copy, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
-        # the baseline in the state the conversion started from: the input read before, no output
+        # the baseline in the state the conversion started from: the input read before (or not:
+        # cold), no output
+        if cold:
+            drop_page_cache()
         ios.append(_child("io", str(src), str(convs[-1]["output_bytes"]), str(copy)))
         shutil.rmtree(copy, ignore_errors=True)
-        print(f"  [{r + 1}/{repeats}] {name}: convert {convs[-1]['seconds']:.1f} s, read input + write output "
-              f"{ios[-1]['seconds']:.1f} s, copy output {copies[-1]['seconds']:.1f} s", file=sys.stderr)
+        print(f"  [{r + 1}/{repeats}] {name} ({'cold' if cold else 'warm'} cache): convert {convs[-1]['seconds']:.1f} s, "
+              f"read input + write output {ios[-1]['seconds']:.1f} s, copy output {copies[-1]['seconds']:.1f} s",
+              file=sys.stderr)
     ratios = [c["seconds"] / i["seconds"] for c, i in zip(convs, ios)]
     k = sorted(range(repeats), key=lambda j: ratios[j])[repeats // 2]  # the median pair
     conv = convs[k]
     return {
         "model": name,
+        "cache": "cold" if cold else "warm",
         "input_gb": conv["input_bytes"] / 1e9,
         "output_gb": conv["output_bytes"] / 1e9,
         "repeats": repeats,
@@ -335,6 +359,9 @@ def main() -> None:
                    help="also run issue 12's job side by side with mergekit-moe, and the synthetic model with --format hf")
     p.add_argument("--repeats", type=int, default=3, help="alternated runs (conversion and baseline pairs; tools in "
                    "--versus-mergekit)")
+    p.add_argument("--cache", choices=["warm", "cold", "both"], default="both",
+                   help="input in the page cache (warm), read from disk (cold: drops the cache before each run, "
+                        "root only; else skipped with a message), or both")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -354,7 +381,12 @@ def main() -> None:
             print(f"synthetic checkpoint ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         else:
             raise SystemExit(f"unknown model {name!r}")
-        rows.append(bench(name, src, args.repeats))
+        caches = ["warm", "cold"] if args.cache == "both" else [args.cache]
+        if "cold" in caches and not drop_page_cache():
+            print(f"cannot write {DROP_CACHES} (not root): cold-cache runs skipped", file=sys.stderr)
+            caches = [c for c in caches if c != "cold"]
+        for cache in caches:
+            rows.append(bench(name, src, args.repeats, cold=cache == "cold"))
         if args.versus_mergekit and name == "smollm2-135m":
             versus = versus_mergekit(src, args.repeats)
         if args.versus_mergekit and name == "synthetic-3gb":
@@ -362,19 +394,19 @@ def main() -> None:
         if name == "synthetic-3gb" and not args.keep:
             shutil.rmtree(src, ignore_errors=True)
     print("time ratio: conversion / (read the input + write the output bytes + fsync), median of alternated pairs")
-    header = (f"{'model':<15}{'in GB':>7}{'out GB':>8}{'convert s':>11}{'I/O s':>8}{'ratio':>7}{'peak RSS MB':>13}"
+    header = (f"{'model':<15}{'cache':>6}{'in GB':>7}{'out GB':>8}{'convert s':>11}{'I/O s':>8}{'ratio':>7}{'peak RSS MB':>13}"
               f"{'RSS/in':>8}{'verified':>10}")
     print(header)
     for r in rows:
-        print(f"{r['model']:<15}{r['input_gb']:>7.2f}{r['output_gb']:>8.2f}{r['convert_s']:>11.1f}{r['io_s']:>8.1f}"
+        print(f"{r['model']:<15}{r['cache']:>6}{r['input_gb']:>7.2f}{r['output_gb']:>8.2f}{r['convert_s']:>11.1f}{r['io_s']:>8.1f}"
               f"{r['time_ratio']:>7.2f}{r['peak_rss_mb']:>13.0f}{r['rss_over_input']:>8.2f}"
               f"{str(r['layers_passed']) + '/' + str(r['layers_verified']):>10}")
     print("\nwhere the conversion's time went (s; the writer's threads overlap the main thread's phases)")
     keys = list(rows[0]["profile"]) if rows else []
     widths = [max(9, len(k)) + 1 for k in keys]
-    print(f"{'model':<15}" + "".join(f"{k[:-2]:>{w}}" for k, w in zip(keys, widths)))
+    print(f"{'model':<15}{'cache':>6}" + "".join(f"{k[:-2]:>{w}}" for k, w in zip(keys, widths)))
     for r in rows:
-        print(f"{r['model']:<15}" + "".join(f"{r['profile'][k]:>{w}.2f}" for k, w in zip(keys, widths)))
+        print(f"{r['model']:<15}{r['cache']:>6}" + "".join(f"{r['profile'][k]:>{w}.2f}" for k, w in zip(keys, widths)))
     for r in rows:
         if "format_hf" in r:
             h = r["format_hf"]

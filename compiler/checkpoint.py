@@ -169,16 +169,21 @@ class TensorReader:
     resident set until it is unmapped, so reading a 3 GB checkpoint through one mapping shows as
     3 GB of RSS even though each tensor is dropped after use."""
 
-    def __init__(self, infos: dict[str, TensorInfo], seconds: PhaseSeconds | None = None):
+    def __init__(self, infos: dict[str, TensorInfo], seconds: PhaseSeconds | None = None, readahead=None):
         self.infos = infos
         self._files: dict[Path, object] = {}
         self.seconds = seconds  # its "read" field sums the time spent in get() (the streaming profile)
+        self.readahead = readahead  # a readahead.Readahead, told what was consumed (its owner closes it)
 
     def get(self, name: str) -> torch.Tensor:
         if self.seconds is None:
-            return self._get(name)
-        with self.seconds.phase("read"):
-            return self._get(name)
+            t = self._get(name)
+        else:
+            with self.seconds.phase("read"):
+                t = self._get(name)
+        if self.readahead is not None:
+            self.readahead.consumed(self.infos[name].nbytes)
+        return t
 
     def _get(self, name: str) -> torch.Tensor:
         info = self.infos[name]

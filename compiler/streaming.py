@@ -39,6 +39,7 @@ from upcycle.specs import load_spec
 from .checkpoint import (ST_DTYPES, IOSeconds, OutTensor, PhaseSeconds, ShardWriter, TensorReader, checkpoint_files,
                          dominant_float_dtype, scan_checkpoint)
 from .atomic import atomic_output, check_output
+from .readahead import Readahead
 from .errors import ModelError, UpcycleError
 from .loading import check_tensors_against, load_config, meta_skeleton, tied_aliases, tokenizer_files
 from .output_folder import EXPORT_RECORD, tensor_accounting, write_config, write_metadata, write_report
@@ -206,8 +207,40 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
     default the one beside the checkpoint) or token ids: the probe for per-layer verification,
     k-means and the perplexity before/after, run module by module (compiler/stream_probe.py).
     Right after the plan, before any tensor is read, the memory in flight and the output's disk
-    space are checked (preflight.check_streaming; force_resources=True skips)."""
+    space are checked (preflight.check_streaming; force_resources=True skips).
+    From the first moment the kernel reads the checkpoint ahead of the conversion
+    (compiler/readahead.py), so the disk works while the model's code is imported and traced."""
     t0 = time.perf_counter()
+    readahead = _start_readahead(model_path)
+    try:
+        return _stream(t0, spec, model_path, out_dir, config=config, force=force, max_shard_bytes=max_shard_bytes,
+                       progress=progress, writer_factory=writer_factory, fmt=fmt, target=target, dtype=dtype,
+                       calibration=calibration, tokenizer=tokenizer, calibration_name=calibration_name,
+                       force_resources=force_resources, readahead=readahead)
+    finally:
+        if readahead is not None:
+            readahead.close()
+
+
+def _start_readahead(model_path):
+    """A Readahead over the checkpoint's tensors in file order (the order a transformers checkpoint
+    is saved in, which is the order they are written out), or None when the headers cannot be read:
+    the plan then reports why, with its own message."""
+    try:
+        files = checkpoint_files(Path(model_path))
+        infos = scan_checkpoint(files) if files else {}
+    except (UpcycleError, OSError, ValueError):
+        return None
+    spans = sorted(((i.file, i.offset, i.nbytes) for i in infos.values()), key=lambda s: (files.index(s[0]), s[1]))
+    return Readahead(spans) if spans else None
+
+
+def _stream(t0: float, spec, model_path, out_dir, *, config=None, force: bool = False,
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
+            writer_factory=ShardWriter, fmt: str = "native", target: str | None = None,
+            dtype: torch.dtype | None = None, calibration=None, tokenizer=None,
+            calibration_name: str = "text", force_resources: bool = False, readahead=None) -> StreamResult:
+    """stream_upcycle's work, timed from t0; `readahead` (or None) is told what the reader consumes."""
     prof = StreamProfile()
     spec = load_spec(spec)
     _return_freed_memory()
@@ -270,7 +303,7 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
                       force_resources=force_resources, inputs=[src])
 
     builder = MoEBuilder(spec, mp.discovery, None, _NullProgress(), structure_only=False)
-    reader = TensorReader(mp.infos, seconds=prof)
+    reader = TensorReader(mp.infos, seconds=prof, readahead=readahead)
     bar = _bar(len(outputs), progress)
     src_dir = src if src.is_dir() else src.parent
     extra = tokenizer_files(src_dir)

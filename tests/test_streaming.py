@@ -262,3 +262,52 @@ def test_benchmark_baseline_reads_the_input_and_writes_the_output_bytes_in_shard
     data = b"".join(f.read_bytes() for f in sorted((tmp_path / "io").iterdir()))
     raw = b"".join(f.read_bytes() for f in sorted(src.glob("*.safetensors")))
     assert data == (raw * 3)[:want]
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_kernel_is_asked_for_every_input_byte_once_and_the_readahead_stops(models, tmp_path, monkeypatch, fail):
+    """compiler/readahead.py: from the start of a streamed conversion every tensor's bytes are
+    requested once, in file order (shards in turn), and the thread ends with the conversion,
+    also when it fails (here: the writer raises)."""
+    import os
+    import threading
+
+    import upcycle.compiler.readahead as ra
+    from upcycle.compiler.checkpoint import checkpoint_files, scan_checkpoint
+
+    calls = []
+    real = os.posix_fadvise
+
+    def advise(fd, off, n, advice):  # the readahead thread's requests recorded (other callers pass through)
+        if threading.current_thread().name != "upcycle-readahead":
+            return real(fd, off, n, advice)
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), off, n))
+
+    monkeypatch.setattr(ra.os, "posix_fadvise", advise)
+    monkeypatch.setattr(ra, "request_bytes", lambda path: 4096)
+    src = models / "tied"  # sharded
+    files = checkpoint_files(src)
+    assert len(files) > 1
+    infos = scan_checkpoint(files)
+
+    class Failing(ShardWriter):
+        def write(self, name, tensor):
+            raise OSError(28, "No space left on device")
+
+    if fail:
+        with pytest.raises(OSError):
+            stream_upcycle(SPEC, src, tmp_path / "s", writer_factory=Failing)
+    else:
+        stream_upcycle(SPEC, src, tmp_path / "s")
+    assert not any(t.name == "upcycle-readahead" for t in threading.enumerate())
+    if fail:
+        return
+    got = {}
+    for path, off, n in calls:  # each byte of each file at most once
+        for b in range(off, off + n):
+            assert (path, b) not in got
+            got[(path, b)] = True
+    want = {(str(i.file), b) for i in infos.values() for b in range(i.offset, i.offset + i.nbytes)}
+    assert set(got) == want
+    order = [(files.index(Path(p)), off) for p, off, _ in calls]
+    assert order == sorted(order)
