@@ -54,6 +54,7 @@ class Variant:
     router_frozen_steps: int = 0  # router LR 0 for the first steps (a router warm-up)
     relax_at: float | None = None  # fraction of the steps after which per_slice routers route by plain top-K
     mechanism: str = ""
+    calibrate: bool = False  # compile with training text as the calibration probe (kmeans router init needs it)
 
 
 def _merge(changes: dict) -> dict:
@@ -95,7 +96,29 @@ VARIANTS = [
             {"router": {"selection": "per_slice", "init_std": 1e-3}}, mechanism="start"),
     Variant("e8g1t2_std1e-3", "E8G1T2, router std 1e-3 (near-exact start)",
             {"experts": {"expansion": 8, "granularity": 1, "top_k": 2}, "router": {"init_std": 1e-3}}, mechanism="start"),
+    # routing that specialises from the first step: with identical experts the task loss gives the
+    # router no gradient, so a random router (std 0.02) stays where it started, and it starts skewed
+    # (max/mean load ~3.7 on SmolLM2): router rows from a k-means of the MLP inputs on training text
+    # send each token to the copy of its cluster instead
+    Variant("e8g1t2_tks_kmeans", "E8G1T2, topK-then-softmax, k-means router init",
+            {"experts": {"expansion": 8, "granularity": 1, "top_k": 2},
+             "router": {"type": "topk_then_softmax", "init": "kmeans"}, "verify": {"probe_tokens": 4096}},
+            mechanism="routing", calibrate=True),
+    Variant("per_slice_tks_kmeans", "E8G8T8, per-slice, topK-then-softmax, k-means router init",
+            {"router": {"selection": "per_slice", "type": "topk_then_softmax", "init": "kmeans"},
+             "verify": {"probe_tokens": 4096}}, mechanism="routing", calibrate=True),
+    # a shared expert learns from every token, as the dense MLP does, while the routed copies add
+    # capacity: half the MLP shared and the other half routed top-1 among 8 copies (exact at init,
+    # the same active weights as dense), and E8G8T8 with one of the 8 shards shared
+    Variant("e8g2t1_shared1", "E8G2T1 + shared half (top-1 of 8 copies of the other half), topK-then-softmax",
+            {"experts": {"expansion": 8, "granularity": 2, "top_k": 1, "shared_experts": 1},
+             "router": {"type": "topk_then_softmax"}}, mechanism="shared"),
+    Variant("per_slice_tks_shared1", "E8G8T7 + 1 shared shard, per-slice, topK-then-softmax",
+            {"experts": {"expansion": 8, "granularity": 8, "top_k": 7, "shared_experts": 1},
+             "router": {"selection": "per_slice", "type": "topk_then_softmax"}}, mechanism="shared"),
 ]
+
+CALIBRATION_SEQS = 16  # training sequences (not validation) the k-means variants cluster: 16 x 256 = 4096 tokens
 
 
 @dataclass
@@ -192,7 +215,8 @@ def run_variant(v: Variant, dense, train, val, opts: Options, out: Path, log) ->
     torch.manual_seed(0)
     model = copy.deepcopy(dense)
     if v.spec is not None:
-        model = upcycle.compile_upcycle(model, _merge(v.spec))
+        calibration = train[:CALIBRATION_SEQS] if v.calibrate else None  # [seqs, L] token ids
+        model = upcycle.compile_upcycle(model, _merge(v.spec), calibration=calibration)
     model.train()
     opt = optimizer(model, v, opts)
     records = out / f"{v.name}.jsonl"
@@ -326,6 +350,14 @@ def evidence(results: dict) -> list:
         rows.append(("3. (alternative)", f"{what}: {m}; whole-group fraction {_trace(results, name, 'whole_group_fraction')}", v))
     m, v = _compare(results, "qwen_init", "recipe", "shuffled, half re-initialised copies converge faster")
     rows.append(("5. Qwen's initialisation", m, v))
+    for name, base in (("e8g1t2_tks_kmeans", "e8g1t2_tks"), ("per_slice_tks_kmeans", "per_slice_tks")):
+        m, v = _compare(results, name, base, "routing by k-means clusters from the start specialises faster")
+        rows.append(("routing from the start: k-means router rows", f"{m}; max/mean load at the end "
+                     f"{_trace(results, name, 'max_over_mean_load', steps=(60,))} vs "
+                     f"{_trace(results, base, 'max_over_mean_load', steps=(60,))}", v))
+    for name, base in (("e8g2t1_shared1", "e8g1t2_tks"), ("per_slice_tks_shared1", "per_slice_tks")):
+        m, v = _compare(results, name, base, "a shared expert, trained on every token, keeps pace with dense")
+        rows.append(("a shared expert", m, v))
     r = results.get("per_slice_relax50")
     sw = next((row for row in r["rows"] if row.get("relaxed")), None) if r is not None else None
     if sw is not None:
