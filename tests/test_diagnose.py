@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_diagnose_quick_runs_and_reports(tmp_path):
     cmd = [sys.executable, str(ROOT / "experiments" / "diagnose.py"), "--quick", "--out", str(tmp_path),
-           "--only", "dense", "recipe", "per_slice", "per_slice_relax50", "e8g1t2_output"]
+           "--only", "dense", "recipe", "per_slice", "per_slice_relax50", "e8g1t2_output", "e8g1t2_tks_kmeans",
+           "e8g2t1_shared1"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     table = (tmp_path / "table.md").read_text()
@@ -24,6 +25,11 @@ def test_diagnose_quick_runs_and_reports(tmp_path):
     relaxed = json.loads((tmp_path / "per_slice_relax50.json").read_text())
     (switch,) = [r for r in relaxed["rows"] if r.get("relaxed")]
     assert switch["step"] == 3 and "val_after_relax" in switch
+    # k-means routers cluster training text (no fall-back to virtual groups); both start exactly at dense
+    assert "kmeans needs the MLP's inputs" not in out.stderr
+    start = {n: json.loads((tmp_path / f"{n}.json").read_text())["rows"][0]["val_loss"]
+             for n in ("dense", "e8g1t2_tks_kmeans", "e8g2t1_shared1")}
+    assert abs(start["e8g1t2_tks_kmeans"] - start["dense"]) < 1e-4 and abs(start["e8g2t1_shared1"] - start["dense"]) < 1e-4
     # a second call skips what is finished
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert again.returncode == 0 and "step 0 val" not in again.stdout
