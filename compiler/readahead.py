@@ -87,7 +87,7 @@ def request_bytes(path: Path) -> int:
             f = queue / "read_ahead_kb"
             if f.is_file():
                 return max(int(f.read_text()), 4) << 10
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # AttributeError: no os.major (Windows)
         pass
     return DEFAULT_REQUEST_BYTES
 
