@@ -176,11 +176,8 @@ class TensorReader:
         self.readahead = readahead  # a readahead.Readahead, told what was consumed (its owner closes it)
 
     def get(self, name: str) -> torch.Tensor:
-        if self.seconds is None:
+        with self.seconds.phase("read") if self.seconds is not None else contextlib.nullcontext():
             t = self._get(name)
-        else:
-            with self.seconds.phase("read"):
-                t = self._get(name)
         if self.readahead is not None:
             self.readahead.consumed(self.infos[name].nbytes)
         return t

@@ -35,15 +35,18 @@ class Readahead:
         merged = _merged(spans)
         self._spans = _chunks(merged, request_bytes(merged[0][0]) if merged else DEFAULT_REQUEST_BYTES)
         self._window = window_bytes
-        self._issued = 0
+        self._issued = 0  # bytes the kernel was asked for
         self._consumed = 0
         self._stop = False
         self._cond = threading.Condition()
-        self.requested_bytes = 0  # what the kernel was asked for (for tests and the profile)
         self._thread = None
         if hasattr(os, "posix_fadvise") and self._spans:
             self._thread = threading.Thread(target=self._run, name="upcycle-readahead", daemon=True)
             self._thread.start()
+
+    @property
+    def requested_bytes(self) -> int:
+        return self._issued
 
     def consumed(self, nbytes: int) -> None:
         with self._cond:
@@ -70,7 +73,6 @@ class Readahead:
                     fd = fds[path] = os.open(path, os.O_RDONLY)
                 os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)  # queues the reads, returns
                 self._issued += nbytes
-                self.requested_bytes += nbytes
         except OSError:
             return  # a hint only: the reader reports real read errors itself
         finally:

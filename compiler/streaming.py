@@ -223,15 +223,15 @@ def stream_upcycle(spec, model_path, out_dir, *, config=None, force: bool = Fals
 
 
 def _start_readahead(model_path):
-    """A Readahead over the checkpoint's tensors in file order (the order a transformers checkpoint
-    is saved in, which is the order they are written out), or None when the headers cannot be read:
-    the plan then reports why, with its own message."""
+    """A Readahead over the checkpoint's files, whole and in the order the reader meets them (a
+    transformers checkpoint is saved in the order its tensors are written out), or None when they
+    cannot be listed: the plan then reports why, with its own message. The files are taken whole,
+    headers included, so nothing is parsed here that the plan parses again."""
     try:
         files = checkpoint_files(Path(model_path))
-        infos = scan_checkpoint(files) if files else {}
+        spans = [(f, 0, f.stat().st_size) for f in files]
     except (UpcycleError, OSError, ValueError):
         return None
-    spans = sorted(((i.file, i.offset, i.nbytes) for i in infos.values()), key=lambda s: (files.index(s[0]), s[1]))
     return Readahead(spans) if spans else None
 
 
