@@ -33,3 +33,59 @@ def test_diagnose_quick_runs_and_reports(tmp_path):
     # a second call skips what is finished
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert again.returncode == 0 and "step 0 val" not in again.stdout
+
+
+def _diagnose():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import diagnose
+
+    return diagnose
+
+
+def test_adam_step_size_is_one_for_a_steady_gradient_and_small_for_noise():
+    import torch
+
+    d = _diagnose()
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            block = torch.nn.Module()  # named like a transformers layer: layers.0.mlp.up_proj.weight
+            block.mlp = torch.nn.Module()
+            block.mlp.up_proj = torch.nn.Linear(64, 64, bias=False)
+            self.layers = torch.nn.ModuleList([block])
+            self.attn = torch.nn.Linear(64, 64, bias=False)  # not an MLP weight: left out
+
+    def run(noise: bool) -> float:
+        torch.manual_seed(0)
+        m = Tiny()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, betas=d.ADAM_BETAS, eps=d.ADAM_EPS)
+        for _ in range(50):
+            for p in m.parameters():
+                p.grad = torch.randn_like(p) if noise else torch.full_like(p, 0.5)
+            opt.step()
+        return d.adam_step_size(m, opt, 50)["adam_step_mlp"]
+
+    assert abs(run(noise=False) - 1.0) < 1e-3  # a gradient that never changes: full-size steps
+    assert 0.1 < run(noise=True) < 0.35  # pure noise: ~0.23
+
+
+def test_expert_lr_multiplier_reaches_only_the_routed_experts():
+    import torch
+    import upcycle
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = _diagnose()
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    model = upcycle.compile_upcycle(dense, d._merge({"router": {"selection": "per_slice", "type": "topk_then_softmax"}}))
+    v = next(v for v in d.VARIANTS if v.name == "per_slice_tks_elr2.8")
+    opts = d.Options()
+    opt = d.optimizer(model, v, opts)
+    d.set_lr(opt, opts.warmup, v, opts)
+    experts = {id(p) for n, p in model.named_parameters() if ".experts." in n}
+    for g in opt.param_groups:
+        is_experts = all(id(p) in experts for p in g["params"])
+        assert g["lr"] == pytest.approx(opts.lr * (8 ** 0.5 if is_experts else 1.0))
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(1 for p in model.parameters() if p.requires_grad)
