@@ -52,6 +52,7 @@ class Variant:
     router_lr_mult: float = 1.0  # the router's LR relative to everything else
     router_frozen_steps: int = 0  # router LR 0 for the first steps (a router warm-up)
     expert_lr_mult: float = 1.0  # the routed experts' LR relative to everything else
+    lr_mult: float = 1.0  # the whole model's LR relative to Options.lr (a dense twin gets the same)
     relax_at: float | None = None  # fraction of the steps after which per_slice routers route by plain top-K
     mechanism: str = ""
     calibrate: bool = False  # compile with training text as the calibration probe (kmeans router init needs it)
@@ -83,6 +84,11 @@ VARIANTS = [
     Variant("per_slice_tks_elr2.8", "E8G8T8, per-slice, topK-then-softmax, expert LR x √8",
             {"router": {"selection": "per_slice", "type": "topk_then_softmax"}}, expert_lr_mult=8 ** 0.5,
             mechanism="2 (Adam)"),
+    # the paper resets the LR to the pretraining peak when continued training starts; a larger
+    # model could use a larger LR better than its dense parent, so both run at LR x 2.5 (1.5e-4)
+    Variant("dense_lr2.5", "dense continued, LR x 2.5", None, lr_mult=2.5),
+    Variant("per_slice_tks_lr2.5", "E8G8T8, per-slice, topK-then-softmax, LR x 2.5",
+            {"router": {"selection": "per_slice", "type": "topk_then_softmax"}}, lr_mult=2.5, mechanism="LR reset"),
     Variant("router_lr_0.05", "E8G8T8, router LR x 0.05", {}, router_lr_mult=0.05, mechanism="3"),
     Variant("router_frozen_20", "E8G8T8, router frozen for 20 steps", {}, router_frozen_steps=20, mechanism="3"),
     Variant("qwen_init", "E8G8T8, Qwen init (copies shuffled, 50% re-initialised)",
@@ -205,7 +211,7 @@ def optimizer(model, v: Variant, opts: Options):
 
 
 def set_lr(opt, step: int, v: Variant, opts: Options) -> float:
-    lr = opts.lr * min(1.0, (step + 1) / opts.warmup)  # linear warm-up, then constant
+    lr = opts.lr * v.lr_mult * min(1.0, (step + 1) / opts.warmup)  # linear warm-up, then constant
     for g in opt.param_groups:
         frozen = g.get("router") and step < v.router_frozen_steps
         g["lr"] = 0.0 if frozen else lr * g["lr_mult"]
@@ -297,7 +303,7 @@ def run_variant(v: Variant, dense, train, val, opts: Options, out: Path, log) ->
         rows.append(row)
     result = {"variant": v.name, "label": v.label, "mechanism": v.mechanism, "spec": v.spec,
               "router_lr_mult": v.router_lr_mult, "router_frozen_steps": v.router_frozen_steps,
-              "expert_lr_mult": v.expert_lr_mult,
+              "expert_lr_mult": v.expert_lr_mult, "lr_mult": v.lr_mult,
               "options": {k: getattr(opts, k) for k in ("steps", "warmup", "lr", "batch", "seq_len", "eval_seqs")},
               "tokens_per_s": opts.steps * opts.batch * opts.seq_len / t_train, "rows": rows}
     tmp = out / f"{v.name}.json.tmp"
@@ -410,6 +416,9 @@ def evidence(results: dict, rerun: dict | None = None) -> list:
                                   ("dense", "per_slice_tks", "per_slice_tks_elr2.8")) if t)
     rows.append(("2. (Adam on sparse gradients) expert LR x √(N/K)",
                  f"mean Adam direction (abs of m/√v, LR factored out) on the MLP weights by step: {steps or 'not recorded'}; {m}", v))
+    m, v = _compare(results, "per_slice_tks_lr2.5", "dense_lr2.5", "at a larger LR the MoE out-learns its dense twin")
+    m0 = _compare(results, "per_slice_tks", "dense", "")[0]
+    rows.append(("LR reset (the paper: back to the pretraining peak)", f"both at LR x 2.5: {m}; at the base LR: {m0}", v))
     m, v = _compare(results, "per_slice", "recipe", "broken virtual groups stop learning")
     rows.append(("3. Adam splits virtual groups", "whole-group fraction of the recipe by step: "
                  + _trace(results, "recipe", "whole_group_fraction") + "; complete-MLP fraction: "

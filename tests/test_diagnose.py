@@ -89,3 +89,20 @@ def test_expert_lr_multiplier_reaches_only_the_routed_experts():
         is_experts = all(id(p) in experts for p in g["params"])
         assert g["lr"] == pytest.approx(opts.lr * (8 ** 0.5 if is_experts else 1.0))
     assert sum(len(g["params"]) for g in opt.param_groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_lr_multiplier_scales_every_group_of_the_dense_twin_and_the_moe_alike():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = _diagnose()
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    opts = d.Options()
+    for name in ("dense_lr2.5", "per_slice_tks_lr2.5"):
+        v = next(v for v in d.VARIANTS if v.name == name)
+        opt = d.optimizer(dense, v, opts)
+        assert d.set_lr(opt, opts.warmup, v, opts) == pytest.approx(2.5 * opts.lr)
+        assert all(g["lr"] == pytest.approx(2.5 * opts.lr) for g in opt.param_groups)
+        assert d.set_lr(opt, 0, v, opts) == pytest.approx(2.5 * opts.lr / opts.warmup)  # the warm-up scales too
