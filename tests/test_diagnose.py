@@ -70,15 +70,20 @@ def test_adam_step_size_is_one_for_a_steady_gradient_and_small_for_noise():
     assert 0.1 < run(noise=True) < 0.35  # pure noise: ~0.23
 
 
-def test_expert_lr_multiplier_reaches_only_the_routed_experts():
+def _tiny_llama():
     import torch
-    import upcycle
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    d = _diagnose()
     torch.manual_seed(0)
-    dense = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+
+
+def test_expert_lr_multiplier_reaches_only_the_routed_experts():
+    import upcycle
+
+    d = _diagnose()
+    dense = _tiny_llama()
     model = upcycle.compile_upcycle(dense, d._merge({"router": {"selection": "per_slice", "type": "topk_then_softmax"}}))
     v = next(v for v in d.VARIANTS if v.name == "per_slice_tks_elr2.8")
     opts = d.Options()
@@ -92,17 +97,16 @@ def test_expert_lr_multiplier_reaches_only_the_routed_experts():
 
 
 def test_lr_multiplier_scales_every_group_of_the_dense_twin_and_the_moe_alike():
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import upcycle
 
     d = _diagnose()
-    torch.manual_seed(0)
-    dense = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
     opts = d.Options()
     for name in ("dense_lr2.5", "per_slice_tks_lr2.5"):
         v = next(v for v in d.VARIANTS if v.name == name)
-        opt = d.optimizer(dense, v, opts)
+        model = _tiny_llama() if v.spec is None else upcycle.compile_upcycle(_tiny_llama(), d._merge(v.spec))
+        opt = d.optimizer(model, v, opts)
+        if v.spec is not None:  # the MoE's router and routed experts have groups of their own: scaled too
+            assert any(g.get("router") for g in opt.param_groups) and len(opt.param_groups) > 3
         assert d.set_lr(opt, opts.warmup, v, opts) == pytest.approx(2.5 * opts.lr)
         assert all(g["lr"] == pytest.approx(2.5 * opts.lr) for g in opt.param_groups)
         assert d.set_lr(opt, 0, v, opts) == pytest.approx(2.5 * opts.lr / opts.warmup)  # the warm-up scales too
